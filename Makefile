@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make run` (the demo) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install run test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## The daemon against the built-in sandbox (SQLite in data/demo.db); Ctrl-C stops both.
+run: install
+	PYTHON=$(PY) scripts/demo
+
+## Lint, type-check, then every test (PostgreSQL tests skip unless its server is reachable).
+test: install lint
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check syncd tests migrations
+	$(VENV)/bin/ruff format --check syncd tests migrations
+	$(VENV)/bin/mypy syncd
+
+format: install
+	$(VENV)/bin/ruff format syncd tests migrations
+	$(VENV)/bin/ruff check --fix syncd tests migrations
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,239 @@
+"""The `syncd` command (ARCHITECTURE.md §6): run, sync, status, db, sandbox.
+
+User mistakes (bad config, unknown source, unreachable database) end with one line
+on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from syncd import __version__
+from syncd.config import Config, load_config
+from syncd.engine import Engine, RunOutcome
+from syncd.errors import ConfigError, SyncdError
+from syncd.logging import configure_logging
+from syncd.mirror import Database
+from syncd.mirror.database import head_revision
+from syncd.mirror.store import SourceStatus, source_status
+from syncd.redact import redact_text
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="syncd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--config",
+            metavar="F",
+            help="config file (default: $SYNCD_CONFIG or config/syncd.toml)",
+        )
+        return sub
+
+    with_config("run", "the daemon: scheduler until SIGTERM/SIGINT")
+
+    sync = with_config("sync", "one pass of every (or the named) source, then exit")
+    sync.add_argument(
+        "--source", action="append", metavar="N", help="only this source (repeatable)"
+    )
+    sync.add_argument("--full", action="store_true", help="ignore stored cursors for this pass")
+    sync.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="apply snapshots the mass-delete guard would hold",
+    )
+
+    status = with_config("status", "per source: last run, counts, cursor age, errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    db = with_config("db", "database migrations")
+    db.add_argument("action", choices=["upgrade", "current"])
+
+    sandbox = commands.add_parser("sandbox", help="serve local simulators of every supported API")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8089, metavar="P")
+    sandbox.add_argument(
+        "--mutate-every",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between random changes to the simulated world (0: never)",
+    )
+    sandbox.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `syncd` console script."""
+    args = build_parser().parse_args(argv)
+    handler = _COMMANDS[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except SyncdError as err:
+        print(f"syncd: {redact_text(err.message)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup(args: argparse.Namespace, *, log_stream: Any = None) -> Config:
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format, stream=log_stream)
+    return config
+
+
+async def _open_database(config: Config) -> Database:
+    db = Database(config.database.url, busy_timeout=config.database.busy_timeout)
+    try:
+        await db.upgrade()
+    except SyncdError:
+        await db.dispose()
+        raise
+    return db
+
+
+async def cmd_sync(args: argparse.Namespace) -> int:
+    config = _setup(args)
+    names = args.source or [s.name for s in config.sources if s.enabled]
+    selected = [config.source(name) for name in names]
+    if not selected:
+        raise ConfigError(f"{args.config or 'config'}: no enabled [[sources]] to sync")
+    db = await _open_database(config)
+    try:
+        engine = Engine(db)
+        outcomes = await asyncio.gather(
+            *(
+                engine.sync(s, full=args.full, allow_mass_delete=args.allow_mass_delete)
+                for s in selected
+            )
+        )
+    finally:
+        await db.dispose()
+    if sys.stderr.isatty():
+        for outcome in outcomes:
+            print(_summary(outcome), file=sys.stderr)
+    return EXIT_OK if all(o.status == "ok" for o in outcomes) else EXIT_FAILED
+
+
+def _summary(o: RunOutcome) -> str:
+    text = (
+        f"{o.source}: {o.status}  +{o.inserted} ~{o.updated + o.restored} -{o.deleted}"
+        f"  ({o.requests} requests, {o.duration_ms} ms)"
+    )
+    return f"{text}  {o.error}" if o.error else text
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from syncd.scheduler import run_daemon
+
+    config = _setup(args)
+    db = await _open_database(config)
+    try:
+        return await run_daemon(config, db)
+    finally:
+        await db.dispose()
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    config = _setup(args, log_stream=sys.stderr)
+    db = await _open_database(config)
+    try:
+        statuses = [await source_status(db, s.name) for s in config.sources]
+    finally:
+        await db.dispose()
+    now = datetime.now(UTC)
+    if args.json:
+        print(json.dumps([_status_json(s, now) for s in statuses], indent=2, default=str))
+    else:
+        for status in statuses:
+            print(_status_text(status, now))
+    return EXIT_OK
+
+
+def _age(moment: datetime | None, now: datetime) -> float | None:
+    return None if moment is None else round((now - moment).total_seconds(), 1)
+
+
+def _status_json(s: SourceStatus, now: datetime) -> dict[str, Any]:
+    last = s.last_run
+    return {
+        "source": s.source,
+        "last_run": None
+        if last is None
+        else {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in last.items()},
+        "status": last["status"] if last else None,
+        "last_success_at": s.last_success_at.isoformat() if s.last_success_at else None,
+        "last_error": s.last_error,
+        "scopes": s.scopes,
+        "cursor_age_seconds": _age(s.oldest_cursor_at, now),
+        "newest_cursor_age_seconds": _age(s.newest_cursor_at, now),
+        "live": s.live,
+        "deleted": s.deleted,
+    }
+
+
+def _status_text(s: SourceStatus, now: datetime) -> str:
+    last = s.last_run
+    if last is None:
+        return f"{s.source}: never synced"
+    age = _age(s.oldest_cursor_at, now)
+    lines = [
+        f"{s.source}: {last['status']}  last run #{last['id']}"
+        f" at {last['started_at']:%Y-%m-%d %H:%M:%S}Z"
+        f"  +{last['inserted']} ~{last['updated'] + last['restored']} -{last['deleted']}"
+        f" ={last['unchanged']}  {last['requests']} requests",
+        f"  rows: {s.live} live, {s.deleted} deleted; {s.scopes} scopes, oldest cursor "
+        + (f"{age:.0f}s old" if age is not None else "none"),
+    ]
+    if s.last_error:
+        lines.append(f"  last error: {s.last_error}")
+    return "\n".join(lines)
+
+
+async def cmd_db(args: argparse.Namespace) -> int:
+    config = _setup(args, log_stream=sys.stderr)
+    db = Database(config.database.url, busy_timeout=config.database.busy_timeout)
+    try:
+        if args.action == "upgrade":
+            await db.upgrade()
+            print(f"{db.display_url}: at revision {await db.current()} (head)")
+        else:
+            current, head = await db.current(), head_revision()
+            state = "head" if current == head else f"head is {head}"
+            print(f"{db.display_url}: at revision {current or 'none (empty database)'} ({state})")
+    finally:
+        await db.dispose()
+    return EXIT_OK
+
+
+async def cmd_sandbox(args: argparse.Namespace) -> int:
+    from syncd.sandbox.server import serve
+
+    configure_logging("info", os.environ.get("SYNCD_LOG_FORMAT", "auto"))
+    await serve(host=args.host, port=args.port, mutate_every=args.mutate_every, seed=args.seed)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "run": cmd_run,
+    "sync": cmd_sync,
+    "status": cmd_status,
+    "db": cmd_db,
+    "sandbox": cmd_sandbox,
+}

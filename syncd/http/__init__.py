@@ -1,0 +1,20 @@
+"""Shared HTTP machinery: session, retries, auth, client-side limits, error mapping."""
+
+from syncd.http.auth import Auth, BearerAuth, NoAuth, PreparedRequest, QueryKeyAuth
+from syncd.http.client import HttpClient, classify
+from syncd.http.limits import RequestLimiter, Unlimited
+from syncd.http.retry import RetryPolicy, parse_retry_after
+
+__all__ = [
+    "Auth",
+    "BearerAuth",
+    "HttpClient",
+    "NoAuth",
+    "PreparedRequest",
+    "QueryKeyAuth",
+    "RequestLimiter",
+    "RetryPolicy",
+    "Unlimited",
+    "classify",
+    "parse_retry_after",
+]

@@ -1,0 +1,373 @@
+"""`Mirror.apply`: one snapshot, one transaction (ARCHITECTURE.md §1).
+
+Inside a single write transaction it reads what the mirror holds for the snapshot's
+keys, merges partial deltas with the stored rows, skips unchanged content by hash,
+tombstones only what the snapshot's listings prove gone (after the mass-delete
+guard), appends change rows, and stores the scope's cursor. Either all of it
+commits or none of it does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from syncd.mirror.content import Content, content_of, merge
+from syncd.mirror.database import Database
+from syncd.mirror.models import changes, cursors, features, runs
+from syncd.mirror.upsert import insert_ignore, upsert
+from syncd.records import Key, Listing, Record, Snapshot
+
+log = structlog.get_logger(__name__)
+
+_CHUNK = 500  # ids per IN (...) clause; far below every backend's parameter limit
+
+
+@dataclass(frozen=True)
+class DeleteGuard:
+    """Holds snapshots that would tombstone too much of a scope (ARCHITECTURE.md §1 rule 3)."""
+
+    max_fraction: float = 0.5
+    min_rows: int = 10
+    allow: bool = False
+
+    def holds(self, deleting: int, live: int) -> bool:
+        if self.allow or deleting <= self.min_rows:
+            return False
+        return deleting > self.max_fraction * live
+
+
+@dataclass(frozen=True)
+class HeldDeletion:
+    """A snapshot the guard refused: nothing of it was written."""
+
+    scope: str
+    would_delete: int
+    live: int
+
+
+@dataclass
+class ApplyResult:
+    """What one applied snapshot changed."""
+
+    scope: str
+    inserted: int = 0
+    updated: int = 0
+    restored: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    held: HeldDeletion | None = None
+
+
+@dataclass
+class _Stored:
+    id: int
+    content_hash: str
+    deleted: bool
+    version: int
+
+
+class Mirror:
+    """Writes snapshots of one database; safe to share between concurrent source runs."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.db = db
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    async def apply(
+        self,
+        source: str,
+        snapshot: Snapshot,
+        *,
+        guard: DeleteGuard | None = None,
+        run_id: int | None = None,
+    ) -> ApplyResult:
+        """Apply one snapshot atomically; see the module docstring."""
+        guard = guard or DeleteGuard()
+        async with self.db.write() as conn:
+            result = await _apply(conn, source, snapshot, guard, self._clock())
+            if result.held is None and run_id is not None:
+                await _count_into_run(conn, run_id, result)
+            if result.held is not None:
+                # Nothing was written; roll back explicitly so the lock goes at once.
+                await conn.rollback()
+        return result
+
+
+async def _apply(
+    conn: AsyncConnection, source: str, snapshot: Snapshot, guard: DeleteGuard, now: datetime
+) -> ApplyResult:
+    result = ApplyResult(scope=snapshot.scope)
+    records = _by_key(snapshot.records)
+    stored = await _load_stored(conn, source, records.keys())
+    partial_ids = [
+        stored[k].id for k, chain in records.items() if k in stored and chain[0].is_partial
+    ]
+    stored_content = await _load_content(conn, partial_ids)
+
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    update_ops: list[str] = []
+    for key, chain in records.items():
+        row = stored.get(key)
+        base = stored_content.get(row.id) if row is not None else None
+        try:
+            content = _fold(base, chain)
+        except ValueError as err:
+            result.skipped += 1
+            log.warning(
+                "record.skipped",
+                source=source,
+                scope=snapshot.scope,
+                kind=key[1],
+                id=key[2],
+                reason=str(err),
+            )
+            continue
+        if row is None:
+            inserts.append(_insert_row(source, key, content, now))
+        elif row.deleted:
+            updates.append(_update_row(row, content, now))
+            update_ops.append("restore")
+        elif row.content_hash != content.hash:
+            updates.append(_update_row(row, content, now))
+            update_ops.append("update")
+        else:
+            result.unchanged += 1
+
+    tombstones, live = await _tombstones(conn, source, snapshot, records.keys())
+    if tombstones and guard.holds(len(tombstones), live):
+        result.held = HeldDeletion(snapshot.scope, len(tombstones), live)
+        return result
+
+    change_rows: list[dict[str, Any]] = []
+    if inserts:
+        ids = await conn.execute(
+            insert(features).returning(features.c.id, sort_by_parameter_order=True), inserts
+        )
+        change_rows += [_change(fid, source, "insert", 1, now) for (fid,) in ids]
+        result.inserted = len(inserts)
+    if updates:
+        await conn.execute(_UPDATE_CONTENT, updates)
+        change_rows += [
+            _change(u["b_id"], source, op, u["b_version"], now)
+            for u, op in zip(updates, update_ops, strict=True)
+        ]
+        result.restored = update_ops.count("restore")
+        result.updated = len(updates) - result.restored
+    if tombstones:
+        await conn.execute(
+            _TOMBSTONE,
+            [{"b_id": fid, "b_version": version + 1, "b_now": now} for fid, version in tombstones],
+        )
+        change_rows += [
+            _change(fid, source, "delete", version + 1, now) for fid, version in tombstones
+        ]
+        result.deleted = len(tombstones)
+        log.info("scope.tombstoned", source=source, scope=snapshot.scope, deleted=len(tombstones))
+    if change_rows:
+        await conn.execute(insert(changes), change_rows)
+    await _store_cursors(conn, source, snapshot, now)
+    return result
+
+
+def _by_key(records: Sequence[Record]) -> dict[Key, list[Record]]:
+    """Group records by identity, keeping their order: a response may repeat an id."""
+    grouped: dict[Key, list[Record]] = {}
+    for record in records:
+        grouped.setdefault(record.key, []).append(record)
+    return grouped
+
+
+def _fold(base: Content | None, chain: list[Record]) -> Content:
+    content = base
+    for record in chain:
+        content = merge(content, record)
+    assert content is not None
+    return content
+
+
+async def _load_stored(
+    conn: AsyncConnection, source: str, keys: Iterable[Key]
+) -> dict[Key, _Stored]:
+    """Identity, hash, state and version of every stored row among `keys`, by index lookups."""
+    by_group: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for collection, kind, external_id in keys:
+        by_group[(collection, kind)].append(external_id)
+    found: dict[Key, _Stored] = {}
+    f = features.c
+    for (collection, kind), ids in by_group.items():
+        for chunk in _chunks(ids):
+            rows = await conn.execute(
+                select(f.id, f.external_id, f.content_hash, f.deleted_at, f.version).where(
+                    f.source == source,
+                    f.collection == collection,
+                    f.kind == kind,
+                    f.external_id.in_(chunk),
+                )
+            )
+            for fid, external_id, content_hash, deleted_at, version in rows:
+                found[(collection, kind, external_id)] = _Stored(
+                    fid, content_hash, deleted_at is not None, version
+                )
+    return found
+
+
+async def _load_content(conn: AsyncConnection, ids: list[int]) -> dict[int, Content]:
+    """Stored content of the rows a partial delta must be merged with."""
+    loaded: dict[int, Content] = {}
+    f = features.c
+    for chunk in _chunks(ids):
+        rows = await conn.execute(
+            select(f.id, f.name, f.geometry, f.properties, f.remote_updated_at).where(
+                f.id.in_(chunk)
+            )
+        )
+        for fid, name, geometry, properties, remote_updated_at in rows:
+            loaded[fid] = content_of(name, geometry, properties, remote_updated_at)
+    return loaded
+
+
+async def _tombstones(
+    conn: AsyncConnection, source: str, snapshot: Snapshot, present: Iterable[Key]
+) -> tuple[list[tuple[int, int]], int]:
+    """(id, version) of live rows the snapshot proves gone, and how many live rows it spoke for."""
+    present = set(present)
+    doomed: dict[int, int] = {}
+    examined: set[int] = set()
+    for listing in snapshot.listings:
+        live_keys = listing.keys | present
+        async for fid, key, version in _live_rows(conn, source, listing):
+            examined.add(fid)
+            if key not in live_keys:
+                doomed[fid] = version
+    explicit = [k for k in snapshot.deleted if k not in present]
+    if explicit:
+        for row in (await _load_stored(conn, source, explicit)).values():
+            if not row.deleted:
+                examined.add(row.id)
+                doomed[row.id] = row.version
+    return sorted(doomed.items()), len(examined)
+
+
+async def _live_rows(
+    conn: AsyncConnection, source: str, listing: Listing
+) -> AsyncIterator[tuple[int, Key, int]]:
+    f = features.c
+    query = select(f.id, f.collection, f.kind, f.external_id, f.version).where(
+        f.source == source, f.deleted_at.is_(None)
+    )
+    if listing.kinds is not None:
+        query = query.where(f.kind.in_(sorted(listing.kinds)))
+    collections = sorted(listing.collections) if listing.collections is not None else [None]
+    for chunk in _chunks(collections):
+        scoped = query if chunk == [None] else query.where(f.collection.in_(chunk))
+        # A server-side cursor: a 200k-object scope is streamed, not loaded whole.
+        rows = await conn.stream(scoped)
+        async for fid, collection, kind, external_id, version in rows:
+            yield fid, (collection, kind, external_id), version
+
+
+async def _store_cursors(
+    conn: AsyncConnection, source: str, snapshot: Snapshot, now: datetime
+) -> None:
+    c = cursors.c
+    if snapshot.drop_cursors:
+        for chunk in _chunks(sorted(snapshot.drop_cursors)):
+            await conn.execute(delete(cursors).where(c.source == source, c.scope.in_(chunk)))
+    for scope, start in snapshot.new_scopes.items():
+        row = {"source": source, "scope": scope, "cursor": start, "updated_at": now}
+        await conn.execute(insert_ignore(conn, cursors, row, ["source", "scope"]))
+    if snapshot.cursor is not None:
+        row = {
+            "source": source,
+            "scope": snapshot.scope,
+            "cursor": snapshot.cursor,
+            "updated_at": now,
+        }
+        await conn.execute(
+            upsert(conn, cursors, row, ["source", "scope"], ["cursor", "updated_at"])
+        )
+
+
+async def _count_into_run(conn: AsyncConnection, run_id: int, result: ApplyResult) -> None:
+    r = runs.c
+    await conn.execute(
+        update(runs)
+        .where(r.id == run_id)
+        .values(
+            inserted=r.inserted + result.inserted,
+            updated=r.updated + result.updated,
+            restored=r.restored + result.restored,
+            unchanged=r.unchanged + result.unchanged,
+            deleted=r.deleted + result.deleted,
+        )
+    )
+
+
+def _insert_row(source: str, key: Key, content: Content, now: datetime) -> dict[str, Any]:
+    collection, kind, external_id = key
+    return {
+        "source": source,
+        "collection": collection,
+        "kind": kind,
+        "external_id": external_id,
+        **content.columns(),
+        "first_seen_at": now,
+        "last_seen_at": now,
+        "updated_at": now,
+        "deleted_at": None,
+        "version": 1,
+    }
+
+
+def _update_row(row: _Stored, content: Content, now: datetime) -> dict[str, Any]:
+    return {
+        "b_id": row.id,
+        "b_version": row.version + 1,
+        "b_now": now,
+        **{f"b_{k}": v for k, v in content.columns().items()},
+    }
+
+
+def _change(feature_id: int, source: str, op: str, version: int, now: datetime) -> dict[str, Any]:
+    return {"feature_id": feature_id, "source": source, "op": op, "version": version, "at": now}
+
+
+def _chunks(items: Sequence[Any] | list[Any]) -> Iterable[list[Any]]:
+    items = list(items)
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+_f = features.c
+_UPDATE_CONTENT = (
+    update(features)
+    .where(_f.id == bindparam("b_id"))
+    .values(
+        name=bindparam("b_name"),
+        geometry=bindparam("b_geometry"),
+        properties=bindparam("b_properties"),
+        content_hash=bindparam("b_content_hash"),
+        remote_updated_at=bindparam("b_remote_updated_at"),
+        last_seen_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        deleted_at=None,
+        version=bindparam("b_version"),
+    )
+)
+_TOMBSTONE = (
+    update(features)
+    .where(and_(_f.id == bindparam("b_id"), _f.deleted_at.is_(None)))
+    .values(
+        deleted_at=bindparam("b_now"), updated_at=bindparam("b_now"), version=bindparam("b_version")
+    )
+)

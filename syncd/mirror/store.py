@@ -1,0 +1,136 @@
+"""Run bookkeeping, cursor reads and the status report, on the mirror's own tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from syncd.mirror.database import Database
+from syncd.mirror.models import cursors, features, runs
+
+
+async def load_cursors(db: Database, source: str) -> dict[str, str]:
+    """Every scope's stored cursor for a source."""
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(cursors.c.scope, cursors.c.cursor).where(cursors.c.source == source)
+        )
+        return {scope: cursor for scope, cursor in rows}
+
+
+async def start_run(db: Database, source: str, now: datetime, *, full: bool) -> int:
+    """Open a `running` row; its counters grow in each snapshot's own transaction."""
+    async with db.write() as conn:
+        result = await conn.execute(
+            insert(runs)
+            .values(
+                source=source,
+                started_at=now,
+                status="running",
+                full=full,
+                requests=0,
+                inserted=0,
+                updated=0,
+                unchanged=0,
+                deleted=0,
+                restored=0,
+                held=0,
+            )
+            .returning(runs.c.id)
+        )
+        return int(result.scalar_one())
+
+
+async def finish_run(
+    db: Database,
+    run_id: int,
+    now: datetime,
+    *,
+    status: str,
+    requests: int,
+    held: int,
+    error: str | None,
+) -> dict[str, Any]:
+    """Close the run row and return it as a dict."""
+    async with db.write() as conn:
+        await conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(finished_at=now, status=status, requests=requests, held=held, error=error)
+        )
+        row = (await conn.execute(select(runs).where(runs.c.id == run_id))).mappings().one()
+        return dict(row)
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """What `syncd status` shows for one source."""
+
+    source: str
+    last_run: dict[str, Any] | None
+    last_success_at: datetime | None
+    last_error: str | None
+    scopes: int
+    oldest_cursor_at: datetime | None
+    newest_cursor_at: datetime | None
+    live: int
+    deleted: int
+
+
+async def source_status(db: Database, source: str) -> SourceStatus:
+    """Last run, cursor ages, last error and row counts of one source."""
+    r, c, f = runs.c, cursors.c, features.c
+    async with db.read() as conn:
+        last = (
+            (
+                await conn.execute(
+                    select(runs).where(r.source == source).order_by(r.id.desc()).limit(1)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        last_ok = (
+            await conn.execute(
+                select(func.max(r.finished_at)).where(r.source == source, r.status == "ok")
+            )
+        ).scalar()
+        last_error = (
+            await conn.execute(
+                select(r.error)
+                .where(r.source == source, r.error.is_not(None))
+                .order_by(r.id.desc())
+                .limit(1)
+            )
+        ).scalar()
+        scopes, oldest, newest = (
+            await conn.execute(
+                select(func.count(), func.min(c.updated_at), func.max(c.updated_at)).where(
+                    c.source == source
+                )
+            )
+        ).one()
+        live, deleted = (
+            await conn.execute(
+                select(
+                    func.count(f.id).filter(f.deleted_at.is_(None)),
+                    func.count(f.id).filter(f.deleted_at.is_not(None)),
+                ).where(f.source == source)
+            )
+        ).one()
+    # Aggregates bypass the UTC column type; re-read them through it.
+    to_utc = cursors.c.updated_at.type.process_result_value  # type: ignore[attr-defined]
+    return SourceStatus(
+        source=source,
+        last_run=dict(last) if last else None,
+        last_success_at=to_utc(last_ok, db.engine.dialect),
+        last_error=last_error,
+        scopes=scopes,
+        oldest_cursor_at=to_utc(oldest, db.engine.dialect),
+        newest_cursor_at=to_utc(newest, db.engine.dialect),
+        live=live or 0,
+        deleted=deleted or 0,
+    )

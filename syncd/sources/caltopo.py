@@ -1,0 +1,328 @@
+"""CalTopo team API: signed `since/{ts}` polling of the account and of every map.
+
+Scopes: `acct:<team_id>` (account objects: maps, folders) and `map:<map_id>` (one map's
+objects). Cursors are the server's `timestamp` (re-read with a small overlap); a
+response proves deletions only when it carries an `ids` map or answers `since/0`
+(shared/apis/FACTS.md, CalTopo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote, urlsplit
+
+import structlog
+from pydantic import Field, SecretStr, field_validator
+
+from syncd.errors import (
+    AuthError,
+    NotFoundError,
+    ProtocolError,
+    RecordError,
+    SourceError,
+    UpstreamError,
+)
+from syncd.http import HttpClient, PreparedRequest
+from syncd.records import JSON, KEEP, Key, Listing, Record, ScopeFailed, Snapshot
+from syncd.settings import SourceSettings
+from syncd.units import Duration
+
+log = structlog.get_logger(__name__)
+
+SIGNATURE_LIFETIME_MS = 2 * 60 * 1000  # the page's DEFAULT_TIMEOUT_MS
+MAP_CLASS = "CollaborativeMap"
+
+
+class CalTopoSettings(SourceSettings):
+    """`type = "caltopo"`: a team's maps through a service account's credential."""
+
+    file_secrets: ClassVar[frozenset[str]] = frozenset({"credential_secret"})
+
+    type: Literal["caltopo"]
+    base_url: str = "https://caltopo.com"
+    team_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9]+$")
+    credential_id: str = Field(min_length=1)
+    credential_secret: SecretStr
+    maps: list[str] | None = None
+    """Only these map ids (default: every map the team can see)."""
+    overlap: Duration = 0.5
+    """How far before the stored cursor each poll re-reads (FACTS.md: 500 ms)."""
+
+    @field_validator("credential_secret")
+    @classmethod
+    def _base64(cls, value: SecretStr) -> SecretStr:
+        try:
+            base64.b64decode(value.get_secret_value(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be the base64 secret CalTopo issued") from None
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+def sign(method: str, path: str, expires: int, payload: str, credential_secret: str) -> str:
+    """The page's reference `sign()`: base64(HMAC-SHA256(b64decode(secret), message))."""
+    message = f"{method} {path}\n{expires}\n{payload}"
+    secret = base64.b64decode(credential_secret)
+    return base64.b64encode(hmac.new(secret, message.encode(), hashlib.sha256).digest()).decode()
+
+
+class CalTopoAuth:
+    """Signs each attempt afresh: `id`, `expires`, `signature` as query parameters."""
+
+    def __init__(
+        self, credential_id: str, credential_secret: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._id = credential_id
+        self._secret = credential_secret
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"CalTopoAuth(credential_id={self._id!r})"
+
+    def apply(self, request: PreparedRequest) -> None:
+        # The signed path is the URL path only, `since` value included, no query.
+        path = urlsplit(request.url).path
+        expires = int(self._clock() * 1000) + SIGNATURE_LIFETIME_MS
+        request.params.update(
+            id=self._id,
+            expires=str(expires),
+            signature=sign(request.method, path, expires, "", self._secret),
+        )
+
+
+def auth_for(settings: CalTopoSettings) -> CalTopoAuth:
+    return CalTopoAuth(settings.credential_id, settings.credential_secret.get_secret_value())
+
+
+class CalTopoSource:
+    """Polls the account, then every map in scope with bounded concurrency."""
+
+    def __init__(self, settings: CalTopoSettings, http: HttpClient) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.http = http
+        self._overlap_ms = round(settings.overlap * 1000)
+
+    async def snapshots(
+        self, cursors: Mapping[str, str], *, full: bool = False
+    ) -> AsyncIterator[Snapshot | ScopeFailed]:
+        account_scope = f"acct:{self.settings.team_id}"
+        since = self._since(cursors.get(account_scope), full)
+        # Any failure here fails the whole source: without the account we cannot
+        # tell which maps exist, and bad credentials show up here first.
+        result = await self._fetch(f"/api/v1/acct/{quote(self.settings.team_id)}/since/{since}")
+        account, maps = self._account_snapshot(account_scope, result, since, cursors)
+        yield account
+        async for item in self._map_snapshots(sorted(maps), cursors, full):
+            yield item
+
+    def _account_snapshot(
+        self, scope: str, result: JSON, since: int, cursors: Mapping[str, str]
+    ) -> tuple[Snapshot, set[str]]:
+        features = _list(result, "features")
+        records = _records(features, scope, self.name)
+        listed = {r.external_id for r in records if r.kind == MAP_CLASS}
+        known = {s.removeprefix("map:") for s in cursors if s.startswith("map:")}
+        listings: list[Listing] = []
+        gone: set[str] = set()
+        live = _live_keys(result, scope, records, complete=since == 0)
+        if live is not None:
+            listings.append(Listing(frozenset({scope}), live))
+            live_maps = {external_id for _, kind, external_id in live if kind == MAP_CLASS}
+            live_maps |= listed
+            # A map the mirror holds that a complete account listing lacks is gone,
+            # with everything on it.
+            gone = known - live_maps
+            listings += [Listing(frozenset({m}), frozenset()) for m in sorted(gone)]
+            for map_id in sorted(gone):
+                log.info("caltopo.map_gone", source=self.name, map=map_id)
+        wanted = set(self.settings.maps) if self.settings.maps is not None else known | listed
+        maps = wanted - gone
+        return (
+            Snapshot(
+                scope=scope,
+                records=records,
+                cursor=_timestamp(result),
+                listings=tuple(listings),
+                drop_cursors=frozenset(f"map:{m}" for m in gone),
+                new_scopes={f"map:{m}": "0" for m in maps if f"map:{m}" not in cursors},
+            ),
+            maps,
+        )
+
+    async def _map_snapshots(
+        self, maps: list[str], cursors: Mapping[str, str], full: bool
+    ) -> AsyncIterator[Snapshot | ScopeFailed]:
+        queue: asyncio.Queue[Snapshot | ScopeFailed] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.settings.concurrency)
+
+        async def fetch(map_id: str) -> None:
+            scope = f"map:{map_id}"
+            async with slots:
+                try:
+                    item: Snapshot | ScopeFailed = await self._map_snapshot(
+                        map_id, scope, self._since(cursors.get(scope), full)
+                    )
+                except (SourceError, ValueError, TypeError) as err:
+                    item = ScopeFailed(scope, err)
+            await queue.put(item)
+
+        tasks = [asyncio.create_task(fetch(m)) for m in maps]
+        try:
+            for _ in tasks:
+                yield await queue.get()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _map_snapshot(self, map_id: str, scope: str, since: int) -> Snapshot:
+        result = await self._fetch(f"/api/v1/map/{quote(map_id)}/since/{since}")
+        state = result.get("state")
+        if not isinstance(state, dict):
+            raise ProtocolError(f"map {map_id}: response has no 'state' object")
+        records = _records(_list(state, "features"), map_id, self.name)
+        live = _live_keys(result, map_id, records, complete=since == 0)
+        return Snapshot(
+            scope=scope,
+            records=records,
+            cursor=_timestamp(result),
+            listings=(Listing(frozenset({map_id}), live),) if live is not None else (),
+        )
+
+    def _since(self, cursor: str | None, full: bool) -> int:
+        if full or cursor is None:
+            return 0
+        try:
+            stored = int(cursor)
+        except ValueError:
+            return 0  # an unreadable cursor costs one full read, never a wrong delta
+        return 0 if stored <= 0 else max(1, stored - self._overlap_ms)
+
+    async def _fetch(self, path: str) -> JSON:
+        url = f"{self.settings.base_url}{path}"
+        body = await self.http.get_json(url)
+        return _unwrap(body, path)
+
+
+def _unwrap(body: Any, path: str) -> JSON:
+    """The `result` of a CalTopo envelope, or the error the envelope reports."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{path}: response is not a JSON object")
+    if body.get("status") != "ok":
+        code = body.get("code")
+        message = f"{path}: CalTopo error {code}: {str(body.get('message', ''))[:200]}"
+        if code in (401, 403):
+            raise AuthError(message, status=code)
+        if code == 404:
+            raise NotFoundError(message, status=code)
+        if isinstance(code, int) and code >= 500:
+            raise UpstreamError(message, status=code)
+        raise ProtocolError(message)
+    result = body.get("result")
+    if not isinstance(result, dict):
+        raise ProtocolError(f"{path}: response has no 'result' object")
+    if "timestamp" not in result and "timestamp" in body:
+        result["timestamp"] = body["timestamp"]
+    _timestamp(result)  # validate before anything is applied
+    return result
+
+
+def _timestamp(result: JSON) -> str:
+    value = result.get("timestamp")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ProtocolError("response has no valid server 'timestamp'")
+    return str(value)
+
+
+def _list(container: JSON, key: str) -> list[Any]:
+    value = container.get(key, [])
+    if not isinstance(value, list):
+        raise ProtocolError(f"response field {key!r} is not a list")
+    return value
+
+
+def _live_keys(
+    result: JSON, collection: str, records: list[Record], *, complete: bool
+) -> frozenset[Key] | None:
+    """Keys of every live object in the scope, when the response proves them; else None.
+
+    `ids` lists all live ids by class (a missing class means none); a `since/0`
+    answer is itself the complete current state.
+    """
+    ids = result.get("ids")
+    if ids is not None:
+        if not isinstance(ids, dict) or not all(isinstance(v, list) for v in ids.values()):
+            raise ProtocolError("response field 'ids' is not a map of class to id list")
+        return frozenset(
+            (collection, str(kind), str(external_id))
+            for kind, values in ids.items()
+            for external_id in values
+        )
+    if complete:
+        return frozenset(r.key for r in records)
+    return None
+
+
+def _records(features: list[Any], collection: str, source: str) -> list[Record]:
+    records: list[Record] = []
+    for feature in features:
+        try:
+            records.append(normalize(feature, collection))
+        except RecordError as err:
+            log.warning("record.skipped", source=source, collection=collection, reason=err.message)
+    return records
+
+
+def normalize(feature: Any, collection: str) -> Record:
+    """A CalTopo GeoJSON feature as a Record (ARCHITECTURE.md §5, FACTS.md partial deltas)."""
+    if not isinstance(feature, dict):
+        raise RecordError("feature is not an object")
+    external_id = feature.get("id")
+    properties = feature.get("properties")
+    if external_id in (None, "") or not isinstance(properties, dict):
+        raise RecordError("feature without id or properties")
+    kind = properties.get("class")
+    if not isinstance(kind, str) or not kind:
+        raise RecordError(f"feature {external_id}: no properties.class")
+    geometry = feature.get("geometry", KEEP)
+    if geometry is not KEEP and geometry is not None and not isinstance(geometry, dict):
+        raise RecordError(f"feature {external_id}: geometry is not an object")
+    incremental = isinstance(geometry, dict) and geometry.get("incremental") is True
+    # No title means a geometry-only delta: keep the stored name and properties.
+    partial = "title" not in properties
+    rest = {k: v for k, v in properties.items() if k not in ("class", "title")}
+    title = properties.get("title")
+    return Record(
+        kind=kind,
+        external_id=str(external_id),
+        collection=collection,
+        name=KEEP if partial else (None if title is None else str(title)),
+        geometry=geometry,
+        properties=KEEP if partial else rest,
+        remote_updated_at=_epoch_ms(properties.get("updated")),
+        append_points=incremental,
+    )
+
+
+def _epoch_ms(value: Any) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(value / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
