@@ -119,7 +119,7 @@ class Sandbox:
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
     """An empty-world sandbox; tests build the world they need."""
-    worlds = Worlds(caltopo=caltopo_sandbox.CalTopoWorld(seed=7))
+    worlds = Worlds()
     server = TestServer(create_app(worlds), host="127.0.0.1")
     await server.start_server()
     try:

@@ -68,6 +68,8 @@ class HttpClient:
         self.statuses: Counter[int] = Counter()
         """Answers by HTTP status; 0 counts requests that got no answer."""
         self.retries = 0
+        self.ratelimit_waits = 0
+        """Times the limiter held a request back before sending it."""
 
     async def __aenter__(self) -> HttpClient:
         if self._session is None:
@@ -128,7 +130,8 @@ class HttpClient:
         request = PreparedRequest(method=method, url=url, params=params)
         self.auth.apply(request)
         shown = redact_url(_with_query(url, request.params))
-        await self.limiter.acquire(method)
+        if await self.limiter.acquire(method) > 0:
+            self.ratelimit_waits += 1
         self.requests += 1
         try:
             async with self._session.request(

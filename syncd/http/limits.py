@@ -14,8 +14,8 @@ from typing import Any, Protocol
 class RequestLimiter(Protocol):
     """Decides when the next request may go out."""
 
-    async def acquire(self, method: str) -> None:
-        """Wait until a request with this method may be sent."""
+    async def acquire(self, method: str) -> float:
+        """Wait until a request with this method may be sent; return the seconds waited."""
         ...
 
     def observe(self, status: int, headers: Mapping[str, str], body: Any) -> None:
@@ -30,8 +30,8 @@ class RequestLimiter(Protocol):
 class Unlimited:
     """No client-side limit: for upstreams that publish none (429s are still honoured)."""
 
-    async def acquire(self, method: str) -> None:
-        return None
+    async def acquire(self, method: str) -> float:
+        return 0.0
 
     def observe(self, status: int, headers: Mapping[str, str], body: Any) -> None:
         return None

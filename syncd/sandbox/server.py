@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
@@ -20,9 +20,9 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class Worlds:
-    """The simulated state of every platform."""
+    """The simulated state of every platform (each empty unless populated)."""
 
-    caltopo: caltopo.CalTopoWorld
+    caltopo: caltopo.CalTopoWorld = field(default_factory=caltopo.CalTopoWorld)
 
 
 def demo_worlds(seed: int = 1) -> Worlds:
