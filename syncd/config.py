@@ -129,7 +129,7 @@ def _interpolate(value: Any, where: str, file: Path, environ: Mapping[str, str])
         name, default = match.group(1), match.group(2)
         if name is None:
             return "$"
-        if name not in environ and default is not None:
+        if not environ.get(name) and default is not None:  # as in sh: unset or empty
             return default
         if name not in environ:
             raise ConfigError(f"{file}: {where}: environment variable {name} is not set")
@@ -148,7 +148,9 @@ def _resolve_secret_files(raw: dict[str, Any], file: Path) -> None:
         for index, table in enumerate(sources):
             kind = table.get("type") if isinstance(table, dict) else None
             model: type[StrictModel] | None = (
-                SOURCE_TYPES[kind].settings if kind in SOURCE_TYPES else None
+                SOURCE_TYPES[kind].settings
+                if isinstance(kind, str) and kind in SOURCE_TYPES
+                else None
             )
             tables.append((f"sources[{index}]", table, model))
     for where, table, model in tables:

@@ -18,7 +18,10 @@ SECRET_PARAMS = frozenset(
     {"signature", "api_key", "apikey", "key", "token", "access_token", "password", "secret"}
 )
 
-_PARAM_IN_TEXT = re.compile(r"(?i)([?&;](?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&\s\"'<>]+")
+# A credential parameter anywhere in text: in a URL, or echoed in an upstream's prose.
+_PARAM_IN_TEXT = re.compile(
+    r"(?i)((?<![A-Za-z0-9_])(?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&\s\"'<>]+"
+)
 _AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:\w+\s+)?[^\s\"',}]+")
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
 
