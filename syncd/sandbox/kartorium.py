@@ -11,6 +11,7 @@ feature property does not change the feature row.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import random
@@ -281,3 +282,43 @@ def populate(
                 for _ in range(3 if kind == "polygon" else 2)
             ]
             world.add_feature(sid, kind, f"{kind.title()} {i + 1}", coordinates=pts, props=display)
+
+
+async def mutate_forever(world: KartoriumWorld, *, every: float = 5.0, seed: int = 0) -> None:
+    """Keep changing the world at random (features, properties, scenes), for the demo."""
+    rng = random.Random(seed)
+    while True:
+        await asyncio.sleep(every)
+        maps = [sid for sid, row in world.scenes.items() if row["type"] == "Map"]
+        if not maps:
+            populate(world, projects=1, features_per_scene=6, seed=rng.randint(0, 999))
+            continue
+        sid = rng.choice(maps)
+        features = [fid for fid, row in world.features.items() if row["sceneID"] == sid]
+        op = rng.choice(["add", "delete", "move", "rename", "scene"]) if features else "add"
+        if op == "add":
+            lon, lat = -105.27 + rng.uniform(-0.01, 0.01), 40.015 + rng.uniform(-0.01, 0.01)
+            world.add_feature(
+                sid, "marker", f"Point {rng.randint(1, 999)}", position=(lon, lat, 0.0)
+            )
+        elif op == "delete":
+            world.delete_feature(rng.choice(features))
+        elif op == "rename":
+            world.edit_feature(rng.choice(features), name=f"Renamed {rng.randint(1, 999)}")
+        elif op == "scene":
+            world.edit_scene(sid, description=f"{rng.random():.3f}")
+        else:
+            fid = rng.choice(features)
+            row = world.features[fid]
+            if row["type"] == "marker":
+                lon, lat, alt = row["position"]
+                world.edit_feature(fid, position=[lon + rng.uniform(-0.001, 0.001), lat, alt])
+            else:
+                pts = [
+                    [
+                        round(-105.27 + rng.uniform(-0.01, 0.01), 6),
+                        round(40.015 + rng.uniform(-0.01, 0.01), 6),
+                    ]
+                    for _ in range(3)
+                ]
+                world.set_property(fid, "coordinateString", json.dumps(pts))

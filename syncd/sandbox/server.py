@@ -57,6 +57,13 @@ async def serve(
         if mutate_every > 0
         else None
     )
+    twin_mutator = (
+        asyncio.create_task(
+            kartorium.mutate_forever(worlds.kartorium, every=mutate_every, seed=seed)
+        )
+        if mutate_every > 0
+        else None
+    )
     log.info(
         "sandbox.started",
         caltopo=f"http://{host}:{port}{caltopo.PREFIX}",
@@ -72,5 +79,9 @@ async def serve(
             mutator.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mutator
+        if twin_mutator is not None:
+            twin_mutator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await twin_mutator
         await runner.cleanup()
         log.info("sandbox.stopped")

@@ -139,14 +139,14 @@ class KartoriumSource:
 
     async def check(self) -> str:
         """The cheapest authenticated call: the project listing."""
-        projects = await self._list("/client/projects")
+        projects = await self._list_projects()
         return f"{len(projects)} projects visible"
 
     async def snapshots(
         self, cursors: Mapping[str, str], *, full: bool = False
     ) -> AsyncIterator[Snapshot | ScopeFailed]:
         # Failing to list projects fails the source: nothing is known, nothing is deleted.
-        listed = await self._list("/client/projects")
+        listed = await self._list_projects()
         snapshot, wanted = self._projects_snapshot(listed, cursors)
         yield snapshot
         self.stats = PassStats(projects=len(wanted))
@@ -351,6 +351,12 @@ class KartoriumSource:
             log.warning("record.skipped", source=self.name, id=fid, reason="non-JSON number")
             return None
         return record
+
+    async def _list_projects(self) -> list[Any]:
+        try:
+            return await self._list("/client/projects")
+        except AuthError as err:
+            raise _explain_auth(err) from None
 
     async def _list(self, path: str) -> list[Any]:
         async with self._slots:

@@ -213,6 +213,7 @@ async def test_failed_feature_listing_tombstones_nothing_in_that_project(
     [
         ({"projects:read", "scenes:read"}, "features:read"),
         ({"projects:read", "features:read"}, "scenes:read"),
+        ({"scenes:read", "features:read"}, "projects:read"),
     ],
 )
 async def test_key_without_a_read_scope_fails_naming_it(
@@ -264,6 +265,28 @@ async def test_project_vanishing_mid_pass_is_not_a_crash(
     assert outcome.status == "ok"
     assert outcome.deleted == 0  # vanished is not yet proven gone
     assert any(e["event"] == "kartorium.project_vanished" for e in logs)
+
+
+async def test_feature_vanishing_before_its_properties_is_kept_until_proven_gone(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    world = sandbox.kartorium
+    ids = build_world(world)
+    await engine.sync(sandbox.kartorium_settings())
+    rows = await mirror_rows(db, "twin")
+    world.add_fault(Fault(match=f"/features/{ids['marker']}/properties", status=404, times=1))
+
+    with capture_logs() as logs:
+        outcome = await engine.sync(sandbox.kartorium_settings())
+
+    assert (outcome.status, outcome.deleted) == ("ok", 0)
+    assert await mirror_rows(db, "twin") == rows
+    vanished = [e for e in logs if e["event"] == "kartorium.feature_vanished"]
+    assert [e["feature"] for e in vanished] == [str(ids["marker"])]
+    # Not remembered as fetched: the next pass reads its properties again.
+    world.request_log.clear()
+    await engine.sync(sandbox.kartorium_settings(properties_recheck_every=50))
+    assert world.requests_to(f"/features/{ids['marker']}/properties") == 1
 
 
 async def test_bad_request_is_a_protocol_error_of_that_project(
