@@ -238,7 +238,7 @@ class KartoriumSource:
             # listing proves it gone; until then nothing of it is touched.
             log.info("kartorium.project_vanished", source=self.name, project=project)
             return None
-        scenes = self._valid(scene_rows, project, _scene_record)
+        scenes = self._scenes(scene_rows, project)
         rows = self._feature_rows(feature_rows, project)
         self.stats.features += len(rows)
         passes = state.passes + 1
@@ -248,7 +248,7 @@ class KartoriumSource:
             for fid, row in rows.items()
             if state.rows.get(fid) != row_digest(row) or (int(fid) + passes) % every == 0
         ]
-        fetched = await asyncio.gather(*(self._properties(fid) for fid in fetch))
+        fetched = await self._all_properties(fetch)
         new_rows = {fid: digest for fid, digest in state.rows.items() if fid in rows}
         features: list[Record] = []
         for fid, props in zip(fetch, fetched, strict=True):
@@ -262,10 +262,13 @@ class KartoriumSource:
         self.stats.properties_fetched += len(fetch)
         self.stats.properties_reused += len(rows) - len(fetch)
         feature_keys = frozenset((project, "feature", fid) for fid in rows)
+        # Digests only pay off when unchanged rows may be skipped; otherwise keep the
+        # cursor small (switching N later costs one pass that reads everything).
+        kept = dict(sorted(new_rows.items())) if every > 1 else {}
         return Snapshot(
             scope=scope,
             records=[*scenes, *features],
-            cursor=ProjectState(passes, dict(sorted(new_rows.items()))).dump(),
+            cursor=ProjectState(passes, kept).dump(),
             listings=(
                 Listing(
                     frozenset({project}), frozenset(r.key for r in scenes), frozenset({"scene"})
@@ -291,16 +294,30 @@ class KartoriumSource:
                 )
         return rows
 
-    def _valid(self, rows: list[Any], project: str, build: Any) -> list[Record]:
+    def _scenes(self, rows: list[Any], project: str) -> list[Record]:
         records: list[Record] = []
         for row in rows:
             try:
-                records.append(build(row, project))
+                records.append(_scene_record(row, project))
             except RecordError as err:
                 log.warning(
-                    "record.skipped", source=self.name, collection=project, reason=err.message
+                    "record.skipped",
+                    source=self.name,
+                    collection=project,
+                    kind="scene",
+                    reason=err.message,
                 )
         return records
+
+    async def _all_properties(self, features: list[str]) -> list[list[Any] | None]:
+        """Every feature's properties; on the first failure the rest are cancelled."""
+        tasks = [asyncio.create_task(self._properties(fid)) for fid in features]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _properties(self, feature: str) -> list[Any] | None:
         try:

@@ -403,3 +403,44 @@ async def test_api_key_never_logged_nor_in_urls(
     assert all("api_key" not in e.path for e in world.request_log)
     runs = await run_rows(db)
     assert DEMO_KEY not in json.dumps(runs, default=str)
+
+
+async def test_failing_property_read_fails_only_that_project(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    world = sandbox.kartorium
+    ids = build_world(world)
+    await engine.sync(sandbox.kartorium_settings())
+    world.delete_scene(ids["tour"])
+    world.edit_feature(ids["other"], name="Valve 2")
+    world.add_fault(Fault(match=f"/features/{ids['line']}/properties", status=500, times=-1))
+
+    outcome = await engine.sync(sandbox.kartorium_settings(max_retries=1))
+
+    assert outcome.status == "partial"
+    assert outcome.failed_scopes == [f"project:{ids['p1']}"]
+    rows = by_key(await mirror_rows(db, "twin"))
+    assert rows[("scene", str(ids["tour"]))]["deleted_at"] is None
+    assert rows[("feature", str(ids["other"]))]["name"] == "Valve 2"
+
+
+async def test_project_gone_with_many_rows_is_held_for_an_operator(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    world = sandbox.kartorium
+    ids = build_world(world)
+    for i in range(12):
+        world.add_feature(ids["s2"], "marker", f"Valve {i}", position=(10.0, 50.0 + i / 100, 0))
+    await engine.sync(sandbox.kartorium_settings())
+    world.delete_project(ids["p2"])
+
+    with capture_logs() as logs:
+        held = await engine.sync(sandbox.kartorium_settings())
+
+    assert held.status == "partial" and held.held == 1 + 1 + 13
+    assert [e["scope"] for e in logs if e["event"] == "sync.deletions_held"] == ["projects"]
+    rows = await mirror_rows(db, "twin")
+    assert all(r["deleted_at"] is None for r in rows)
+
+    allowed = await engine.sync(sandbox.kartorium_settings(), allow_mass_delete=True)
+    assert allowed.deleted == 15
