@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -27,11 +26,12 @@ from typing import Any, ClassVar, Literal
 import structlog
 from pydantic import Field, PositiveInt, SecretStr, field_validator
 
-from syncd.errors import AuthError, NotFoundError, ProtocolError, RecordError, SourceError
+from syncd.errors import AuthError, NotFoundError, RecordError, SourceError
 from syncd.http import BearerAuth, HttpClient
 from syncd.mirror.content import canonical_json
 from syncd.records import JSON, Listing, Record, ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
+from syncd.sources.kartorium_api import explain_auth, unwrap_list
 from syncd.sources.kartorium_geometry import COORDINATE_KEY, InvalidGeometry, feature_geometry
 
 log = structlog.get_logger(__name__)
@@ -39,10 +39,6 @@ log = structlog.get_logger(__name__)
 PROJECTS_SCOPE = "projects"
 PROJECT_PREFIX = "project:"
 _STATE_VERSION = 1
-# Pagination is not documented; an envelope that hints at more pages must not be taken
-# for a complete listing (it would tombstone everything on the later pages).
-_PAGING_HINTS = ("next", "nextPage", "next_page", "hasMore", "has_more", "cursor")
-_SCOPE_NAME = re.compile(r"\b[a-z]+:(?:read|write)\b")
 
 
 class KartoriumSettings(SourceSettings):
@@ -219,7 +215,7 @@ class KartoriumSource:
             for _ in tasks:
                 item = await queue.get()
                 if isinstance(item, AuthError):
-                    raise _explain_auth(item)
+                    raise explain_auth(item)
                 if item is not None:
                     yield item
         finally:
@@ -373,71 +369,12 @@ class KartoriumSource:
         try:
             return await self._list("/client/projects")
         except AuthError as err:
-            raise _explain_auth(err) from None
+            raise explain_auth(err) from None
 
     async def _list(self, path: str) -> list[Any]:
         async with self._slots:
             body = await self.http.get_json(f"{self.settings.base_url}{path}")
-        return _unwrap_list(body, path)
-
-
-def _unwrap_list(body: Any, path: str) -> list[Any]:
-    """A bare JSON array (the page's example) or `{"data": [...]}` (FACTS.md)."""
-    if isinstance(body, list):
-        return body
-    if isinstance(body, dict) and isinstance(body.get("data"), list):
-        data: list[Any] = body["data"]
-        hints = [k for k in _PAGING_HINTS if body.get(k)]
-        total = body.get("total")
-        if hints or (isinstance(total, int) and total > len(data)):
-            raise ProtocolError(f"{path}: listing looks paginated ({', '.join(hints) or 'total'})")
-        return data
-    raise ProtocolError(f"{path}: response is not a JSON array or {{'data': [...]}}")
-
-
-def _explain_auth(err: AuthError) -> AuthError:
-    """401: the key is bad or expired. 403 `missing_scope`: name the scope the key lacks."""
-    if err.status == 401:
-        return AuthError(
-            f"API key rejected (HTTP 401, missing, invalid or expired): {err.message}",
-            url=err.url,
-            status=401,
-        )
-    if err.status == 403:
-        scope = missing_scope(err.payload, err.message)
-        if scope is not None:
-            return AuthError(
-                f"API key lacks scope {scope} (HTTP 403 missing_scope) for {err.url}",
-                url=err.url,
-                status=403,
-            )
-    return err
-
-
-def missing_scope(payload: object, message: str) -> str | None:
-    """The scope a 403 body names, wherever the body puts it; else one named in the text."""
-    candidates: list[Any] = []
-    if isinstance(payload, dict):
-        nested = payload.get("error")
-        for container in (payload, nested if isinstance(nested, dict) else {}):
-            for key in (
-                "missing_scope",
-                "missingScope",
-                "required_scope",
-                "requiredScope",
-                "scope",
-                "scopes",
-                "missing_scopes",
-            ):
-                candidates.append(container.get(key))
-        candidates += [payload.get("message"), payload.get("detail")]
-    candidates.append(message)
-    for value in candidates:
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            if isinstance(item, str) and (found := _SCOPE_NAME.search(item)):
-                return found.group(0)
-    return None
+        return unwrap_list(body, path)
 
 
 def _id(row: JSON, what: str) -> str:

@@ -13,12 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from syncd.errors import ProtocolError
-from syncd.sources.kartorium import (
-    KartoriumSettings,
-    ProjectState,
-    _unwrap_list,
-    missing_scope,
-)
+from syncd.sources.kartorium import KartoriumSettings, ProjectState
+from syncd.sources.kartorium_api import missing_scope, unwrap_list
 from syncd.sources.kartorium_geometry import InvalidGeometry, feature_geometry
 
 LINE = "[[-105.2705,40.015,0],[-105.271,40.016,0]]"
@@ -127,12 +123,12 @@ def test_missing_scope_is_read_from_the_body(
 )
 def test_listing_that_may_be_incomplete_is_a_protocol_error(body: Any) -> None:
     with pytest.raises(ProtocolError):
-        _unwrap_list(body, "/client/projects")
+        unwrap_list(body, "/client/projects")
 
 
 def test_listing_envelopes() -> None:
-    assert _unwrap_list([1, 2], "/p") == [1, 2]
-    assert _unwrap_list({"data": [1, 2], "total": 2}, "/p") == [1, 2]
+    assert unwrap_list([1, 2], "/p") == [1, 2]
+    assert unwrap_list({"data": [1, 2], "total": 2}, "/p") == [1, 2]
 
 
 @pytest.mark.parametrize("cursor", [None, "", "{", "[]", '{"v":0,"passes":1,"rows":{}}', '{"v":1}'])
