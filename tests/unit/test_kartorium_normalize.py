@@ -6,10 +6,13 @@ geometry; the documented outcome is "feature kept, geometry NULL, one event".
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from syncd.errors import ProtocolError
@@ -158,3 +161,33 @@ def test_settings_refuse_bad_values(overrides: dict[str, Any], field: str) -> No
         KartoriumSettings.model_validate(values)
     assert field in str(info.value)
     assert "karta_live_x" not in str(info.value)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    feature_type=st.sampled_from(["marker", "line", "polygon"]),
+    position=_json_values,
+    coordinates=_json_values,
+)
+def test_any_input_gives_geometry_or_invalid_geometry(
+    feature_type: str, position: Any, coordinates: Any
+) -> None:
+    """Whatever the upstream sends, the outcome is a JSON-safe geometry or InvalidGeometry."""
+    try:
+        raw = json.dumps(coordinates)
+    except ValueError:
+        raw = "[]"
+    for coordinate_string in (coordinates, raw):
+        try:
+            geometry = feature_geometry(feature_type, position, coordinate_string)
+        except InvalidGeometry:
+            continue
+        assert geometry is not None
+        json.dumps(geometry, allow_nan=False)
