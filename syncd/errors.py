@@ -49,6 +49,9 @@ class SourceError(SyncdError):
         super().__init__(message)
         self.url = url  # already redacted
         self.status = status
+        self.payload: object = None
+        """The decoded JSON body of an HTTP error answer, for sources that read error
+        details from it (e.g. Kartorium's `missing_scope`); never logged as a whole."""
 
 
 class RetryableError(SourceError):

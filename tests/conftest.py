@@ -22,8 +22,10 @@ from syncd.logging import configure_logging
 from syncd.mirror import Database
 from syncd.mirror.models import cursors, features, runs
 from syncd.sandbox import caltopo as caltopo_sandbox
+from syncd.sandbox import kartorium as kartorium_sandbox
 from syncd.sandbox.server import Worlds, create_app
 from syncd.sources.caltopo import CalTopoSettings
+from syncd.sources.kartorium import KartoriumSettings
 
 PG_URL = os.environ.get("SYNCD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -114,6 +116,22 @@ class Sandbox:
         }
         values.update(overrides)
         return CalTopoSettings.model_validate(values)
+
+    @property
+    def kartorium(self) -> kartorium_sandbox.KartoriumWorld:
+        return self.worlds.kartorium
+
+    def kartorium_settings(self, name: str = "twin", **overrides: Any) -> KartoriumSettings:
+        values: dict[str, Any] = {
+            "name": name,
+            "type": "kartorium",
+            "base_url": f"{self.url}{kartorium_sandbox.API}",
+            "api_key": kartorium_sandbox.DEMO_KEY,
+            "retry_backoff": 0.001,
+            "timeout": 5,
+        }
+        values.update(overrides)
+        return KartoriumSettings.model_validate(values)
 
 
 @pytest.fixture

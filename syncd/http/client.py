@@ -168,6 +168,7 @@ class HttpClient:
         self.limiter.observe(status, headers, payload)
         error = classify(status, body, payload, headers, method=method, url=shown)
         if error is not None:
+            error.payload = None if payload is _INVALID else payload
             if isinstance(error, RateLimitedError) and error.retry_after is None:
                 error.retry_after = self.limiter.retry_delay(status, headers, payload)
             raise error

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from syncd.sandbox import caltopo
+from syncd.sandbox import caltopo, kartorium
 
 log = structlog.get_logger(__name__)
 
@@ -23,19 +23,23 @@ class Worlds:
     """The simulated state of every platform (each empty unless populated)."""
 
     caltopo: caltopo.CalTopoWorld = field(default_factory=caltopo.CalTopoWorld)
+    kartorium: kartorium.KartoriumWorld = field(default_factory=kartorium.KartoriumWorld)
 
 
 def demo_worlds(seed: int = 1) -> Worlds:
     """Worlds populated with realistic demo data and the demo credentials of config/demo.toml."""
     world = caltopo.CalTopoWorld(seed=seed)
     caltopo.populate(world, maps=3, objects_per_map=25, seed=seed)
-    return Worlds(caltopo=world)
+    twin = kartorium.KartoriumWorld()
+    kartorium.populate(twin, projects=2, features_per_scene=9, seed=seed)
+    return Worlds(caltopo=world, kartorium=twin)
 
 
 def create_app(worlds: Worlds) -> web.Application:
     """One application serving every simulator under its prefix."""
     app = web.Application()
     app.add_subapp(caltopo.PREFIX, caltopo.create_app(worlds.caltopo))
+    app.add_subapp(kartorium.PREFIX, kartorium.create_app(worlds.kartorium))
     return app
 
 
@@ -53,10 +57,18 @@ async def serve(
         if mutate_every > 0
         else None
     )
+    twin_mutator = (
+        asyncio.create_task(
+            kartorium.mutate_forever(worlds.kartorium, every=mutate_every, seed=seed)
+        )
+        if mutate_every > 0
+        else None
+    )
     log.info(
         "sandbox.started",
         caltopo=f"http://{host}:{port}{caltopo.PREFIX}",
         team_id=worlds.caltopo.team_id,
+        kartorium=f"http://{host}:{port}{kartorium.API}",
         maps=len(worlds.caltopo.map_ids()),
         mutate_every_s=mutate_every,
     )
@@ -67,5 +79,9 @@ async def serve(
             mutator.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mutator
+        if twin_mutator is not None:
+            twin_mutator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await twin_mutator
         await runner.cleanup()
         log.info("sandbox.stopped")
