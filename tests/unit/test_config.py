@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -440,11 +441,15 @@ def test_load_config_uses_syncd_config_env(tmp_path: Path, monkeypatch: pytest.M
 
 def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     secret = fresh_secret()
+    example = REPO / "config" / "syncd.example.toml"
+    # Every platform's example source reads its credentials from the environment.
+    for name in re.findall(r"\$\{([A-Z0-9_]+)\}", example.read_text()):
+        monkeypatch.setenv(name, fresh_secret())
     monkeypatch.setenv("CALTOPO_CREDENTIAL_ID", "EXAMPLECRED")
     monkeypatch.setenv("CALTOPO_CREDENTIAL_SECRET", secret)
-    config = load_config(REPO / "config" / "syncd.example.toml")
-    (settings,) = config.sources
-    assert settings.name == "sar-team"
+    config = load_config(example)
+    assert len(config.sources) >= 2
+    settings = config.source("sar-team")
     assert settings.type == "caltopo"
     assert settings.interval == 60.0
     assert settings.credential_id == "EXAMPLECRED"
@@ -474,8 +479,10 @@ def test_demo_config_loads(
     else:
         monkeypatch.setenv("SYNCD_SANDBOX_URL", sandbox_url)
     config = load_config(REPO / "config" / "demo.toml")
-    (settings,) = config.sources
+    settings = config.source("sar-team")
     assert settings.base_url == base_url
+    root = base_url.removesuffix("/caltopo")
+    assert all(s.base_url.startswith(root) for s in config.sources)  # type: ignore[attr-defined]
     assert settings.interval == 10.0
     assert config.logging.format == "auto"
 
