@@ -10,6 +10,8 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -70,6 +72,8 @@ class HttpClient:
         self.retries = 0
         self.ratelimit_waits = 0
         """Times the limiter held a request back before sending it."""
+        self.server_date: datetime | None = None
+        """The `Date` header of the last answer: lets `check` name clock skew."""
 
     async def __aenter__(self) -> HttpClient:
         if self._session is None:
@@ -164,6 +168,7 @@ class HttpClient:
                 f"{method} {shown}: connection failed: {reason}", url=shown
             ) from None
         self.statuses[status] += 1
+        self.server_date = _http_date(headers.get("Date"))
         payload = _decode(body)
         self.limiter.observe(status, headers, payload)
         error = classify(status, body, payload, headers, method=method, url=shown)
@@ -180,6 +185,15 @@ class HttpClient:
 
 
 _INVALID: Any = object()
+
+
+def _http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _decode(body: bytes) -> Any:
