@@ -231,6 +231,7 @@ async def _until_stopped(
     own in-flight requests; nothing of an unapplied scope has been written.
     """
     waiter = asyncio.ensure_future(stop.wait())
+    fetch: asyncio.Future[Snapshot | ScopeFailed] | None = None
     try:
         while True:
             if stop.is_set():
@@ -249,8 +250,11 @@ async def _until_stopped(
                 return
             yield item
     finally:
-        waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+        # Also on cancellation: a generator can only be closed once no fetch runs in it.
+        pending = [f for f in (waiter, fetch) if f is not None and not f.done()]
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -197,8 +197,9 @@ class Daemon:
 
     async def _shutdown(self) -> int:
         """Stop scheduling; let in-flight syncs end between scopes; cancel after the grace."""
+        # Pause, not shut down: APScheduler's shutdown cancels running jobs outright.
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.pause()
         exit_code = EXIT_OK
         pending = set(self._in_flight)
         if pending:
@@ -220,6 +221,8 @@ class Daemon:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 exit_code = EXIT_FORCED
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         log.info("daemon.stopped", exit_code=exit_code, cancelled=len(pending))
         return exit_code
 
