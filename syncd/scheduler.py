@@ -105,7 +105,7 @@ class Daemon:
                 interval, state.consecutive_failures, self.config.daemon.max_backoff
             )
             state.backoff_until = datetime.now(UTC) + timedelta(seconds=delay)
-            if not self.stop.is_set():
+            if not self.stop.is_set() and self.scheduler.get_job(name) is not None:
                 self.scheduler.modify_job(name, next_run_time=state.backoff_until)
             log.warning(
                 "source.backoff",
