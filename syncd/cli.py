@@ -301,7 +301,12 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
     from syncd.sandbox.server import serve
 
     configure_logging("info", os.environ.get("SYNCD_LOG_FORMAT", "auto"))
-    await serve(host=args.host, port=args.port, mutate_every=args.mutate_every, seed=args.seed)
+    try:
+        await serve(host=args.host, port=args.port, mutate_every=args.mutate_every, seed=args.seed)
+    except OSError as err:
+        raise ConfigError(
+            f"sandbox: cannot listen on {args.host}:{args.port}: {err.strerror}"
+        ) from None
     return EXIT_OK
 
 
