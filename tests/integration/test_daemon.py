@@ -8,6 +8,7 @@ leaves a half-written scope, then exits 0.
 from __future__ import annotations
 
 import itertools
+import signal
 import socket
 import sqlite3
 import time
@@ -93,6 +94,10 @@ async def test_run_syncs_every_source_and_stops_on_sigterm(
         lambda s: all(src["status"] == "ok" for src in s["sources"]) and len(s["sources"]) == 2
     )
     assert {s["source"] for s in status["sources"]} == {"alpha", "bravo"}
+    assert (await daemon.get_json("/healthz"))["status"] == "ok"
+
+    daemon.signal(signal.SIGHUP)  # not a reload, and above all not the default "terminate"
+    await daemon.wait_event("daemon.reload_unsupported")
     assert (await daemon.get_json("/healthz"))["status"] == "ok"
 
     daemon.signal()
