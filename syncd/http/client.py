@@ -165,7 +165,7 @@ class HttpClient:
             self.statuses[0] += 1
             reason = redact_text(str(err)) or type(err).__name__
             raise TransportError(
-                f"{method} {shown}: connection failed: {reason}", url=shown
+                f"{method} {shown}: {_transport_failure(err)}: {reason}", url=shown
             ) from None
         self.statuses[status] += 1
         self.server_date = _http_date(headers.get("Date"))
@@ -185,6 +185,17 @@ class HttpClient:
 
 
 _INVALID: Any = object()
+
+
+def _transport_failure(err: aiohttp.ClientError) -> str:
+    """Name the layer that failed, so `syncd check` tells DNS from TLS from refusal."""
+    if isinstance(err, aiohttp.ClientConnectorDNSError):
+        return "DNS lookup failed"
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate rejected"
+    if isinstance(err, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    return "connection failed"
 
 
 def _http_date(value: str | None) -> datetime | None:

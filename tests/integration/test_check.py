@@ -42,8 +42,10 @@ def nothing(world: CalTopoWorld) -> None:
         ({"team_id": "OTHER1"}, nothing, ["HTTP 403", "has no access to team OTHER1"]),
         ({}, skew, ["HTTP 401", "s behind the server's", "NTP"]),
         ({"base_url": "CLOSED"}, nothing, ["connection failed"]),
+        ({"base_url": "http://nohost.invalid"}, nothing, ["DNS lookup failed", "nohost.invalid"]),
+        ({"base_url": "TLS"}, nothing, ["TLS handshake failed"]),
     ],
-    ids=["wrong-secret", "revoked", "wrong-team", "clock-skew", "upstream-down"],
+    ids=["wrong-secret", "revoked", "wrong-team", "clock-skew", "upstream-down", "dns", "tls"],
 )
 async def test_check_names_the_problem(
     sandbox: Sandbox, overrides: dict[str, Any], break_world: Any, expected: list[str]
@@ -52,7 +54,9 @@ async def test_check_names_the_problem(
     break_world(world)
     if overrides.get("base_url") == "CLOSED":
         overrides["base_url"] = f"http://127.0.0.1:{closed_port()}/caltopo"
-    settings = sandbox.caltopo_settings("sar", **overrides)
+    if overrides.get("base_url") == "TLS":  # https to a plain-HTTP server
+        overrides["base_url"] = sandbox.url.replace("http://", "https://") + "/caltopo"
+    settings = sandbox.caltopo_settings("sar", max_retries=0, **overrides)
     passed, detail = await _check_source(settings)
     assert not passed
     for text in expected:
