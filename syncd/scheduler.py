@@ -15,7 +15,9 @@ status is 1. SIGHUP does not reload the config (see README, "Signals").
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -32,6 +34,9 @@ from syncd.settings import SourceSettings
 log = structlog.get_logger(__name__)
 
 EXIT_OK, EXIT_FORCED = 0, 1
+CANCEL_WAIT = 5.0
+"""Seconds cancelled syncs get to unwind (an apply finishing its transaction) before
+they are abandoned: a driver call stuck on a database lock cannot be interrupted."""
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Daemon:
         self.sources = {s.name: SourceState(settings=s) for s in config.sources if s.enabled}
         self._in_flight: set[asyncio.Task[object]] = set()
         self._force = asyncio.Event()
+        self.abandoned = 0
+        """Syncs still stuck after cancellation; the process must exit without them."""
         for name in self.sources:
             self.metrics.register_source(name)
 
@@ -219,14 +226,27 @@ class Daemon:
                 # Cancelling waits for an apply in progress to commit (engine._uncancellable).
                 for task in pending:
                     task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                _, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+                self.abandoned = len(stuck)
                 exit_code = EXIT_FORCED
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        log.info("daemon.stopped", exit_code=exit_code, cancelled=len(pending))
+        log.info(
+            "daemon.stopped",
+            exit_code=exit_code,
+            cancelled=len(pending),
+            abandoned=self.abandoned,
+        )
         return exit_code
 
 
 async def run_daemon(config: Config, db: Database) -> int:
     """`syncd run` after the config is loaded and the database migrated."""
-    return await Daemon(config, db).run()
+    daemon = Daemon(config, db)
+    code = await daemon.run()
+    if daemon.abandoned:
+        # A sync stuck inside the database driver (e.g. waiting on a lock) would hold the
+        # process past its grace. Uncommitted work is rolled back by the database itself.
+        sys.stdout.flush()
+        os._exit(code)
+    return code

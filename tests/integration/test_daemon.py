@@ -205,3 +205,37 @@ async def test_failing_source_backs_off_while_another_keeps_its_schedule(
 
 def _at(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+async def test_sync_stuck_past_the_grace_is_cancelled_and_exit_is_nonzero(
+    sandbox: Sandbox, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    populate(sandbox.caltopo, maps=1, objects_per_map=4, seed=2)
+    db_path = tmp_path / "mirror.db"
+    config = write_config(
+        tmp_path / "syncd.toml",
+        db_path,
+        [caltopo_source(sandbox, "sar", interval=1)],
+        shutdown_grace=0.5,
+    )
+    daemon = await DaemonProcess.start(config)
+    daemons.append(daemon)
+    await daemon.wait_event("sync.finished", source="sar")
+
+    # Another writer holds the SQLite write lock: the next sync waits for it and cannot
+    # reach a point where it may stop, so only the grace can end it.
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        await daemon.wait_status(lambda status: status["sources"][0]["running"])
+        daemon.signal()
+        stopped = await daemon.wait_event("daemon.stopped")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert (stopped["exit_code"], stopped["cancelled"]) == (1, 1)
+    assert await daemon.wait_exit(within=40) == 1
+    check, runs = integrity(db_path)
+    assert check == "ok"
+    assert runs[0][1] == "ok"
+    assert all(status != "running" for _, status, _ in runs[1:])
