@@ -15,6 +15,7 @@ status is 1. SIGHUP does not reload the config (see README, "Signals").
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd import __version__
@@ -75,6 +77,13 @@ class Daemon:
         """Syncs still stuck after cancellation; the process must exit without them."""
         for name in self.sources:
             self.metrics.register_source(name)
+        # A run still going when the next is due is skipped by design (max_instances=1):
+        # say so as a syncd event instead of APScheduler's warning.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
+
+    def _skipped(self, event: JobSubmissionEvent) -> None:
+        log.info("sync.skipped", source=event.job_id, reason="the previous sync is still running")
 
     @property
     def alive(self) -> bool:

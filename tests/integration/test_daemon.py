@@ -228,12 +228,15 @@ async def test_sync_stuck_past_the_grace_is_cancelled_and_exit_is_nonzero(
     try:
         blocker.execute("BEGIN IMMEDIATE")
         await daemon.wait_status(lambda status: status["sources"][0]["running"])
+        # While it is stuck, the 1 s schedule skips runs instead of stacking them.
+        await daemon.wait_event("sync.skipped", source="sar")
         daemon.signal()
         stopped = await daemon.wait_event("daemon.stopped")
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert (stopped["exit_code"], stopped["cancelled"]) == (1, 1)
+    assert not [e for e in daemon.events if "maximum number of running" in e["event"]]
     assert await daemon.wait_exit(within=40) == 1
     check, runs = integrity(db_path)
     assert check == "ok"
