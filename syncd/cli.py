@@ -1,4 +1,4 @@
-"""The `syncd` command (ARCHITECTURE.md §6): run, sync, status, db, sandbox.
+"""The `syncd` command (ARCHITECTURE.md §6): run, sync, status, check, export, db, sandbox.
 
 User mistakes (bad config, unknown source, unreachable database) end with one line
 on stderr and a non-zero exit, never a traceback.
@@ -13,19 +13,23 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from syncd import __version__
-from syncd.config import Config, load_config
-from syncd.engine import Engine, RunOutcome
+from syncd.config import Config, config_path, load_config
+from syncd.engine import Engine, RunOutcome, client_for
 from syncd.errors import ConfigError, SyncdError
+from syncd.export import FORMATS, ExportFilter, Format, export
 from syncd.logging import configure_logging
 from syncd.mirror import Database
 from syncd.mirror.database import head_revision
-from syncd.mirror.store import SourceStatus, source_status
+from syncd.mirror.store import SourceStatus, source_status, status_json
 from syncd.redact import redact_text
+from syncd.settings import SourceSettings
+from syncd.sources import SOURCE_TYPES
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    with_config("run", "the daemon: scheduler until SIGTERM/SIGINT")
+    with_config("run", "the daemon: scheduler and health server until SIGTERM/SIGINT")
 
     sync = with_config("sync", "one pass of every (or the named) source, then exit")
     sync.add_argument(
@@ -61,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = with_config("status", "per source: last run, counts, cursor age, errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    with_config("check", "validate config, reach each source, verify credentials")
+
+    export = with_config("export", "write the mirror as GeoJSON, GeoJSON Sequence or CSV")
+    export.add_argument("--source", action="append", metavar="N", help="only this source")
+    export.add_argument(
+        "--collection", action="append", metavar="C", help="only this collection (map, job ...)"
+    )
+    export.add_argument("--kind", action="append", metavar="K", help="only this kind (Marker ...)")
+    export.add_argument("--format", choices=FORMATS, default="geojson")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    export.add_argument(
+        "--include-deleted", action="store_true", help="also rows tombstoned by a sync"
+    )
 
     db = with_config("db", "database migrations")
     db.add_argument("action", choices=["upgrade", "current"])
@@ -150,6 +168,81 @@ async def cmd_run(args: argparse.Namespace) -> int:
         await db.dispose()
 
 
+async def cmd_check(args: argparse.Namespace) -> int:
+    """One line per source: ok with a detail, or the exact problem. Exit 1 if any failed."""
+    config = _setup(args, log_stream=sys.stderr)
+    print(f"config: ok ({config_path(args.config)}, {len(config.sources)} source(s))")
+    ok = await _check_database(config)
+    enabled = [s for s in config.sources if s.enabled]
+    results = await asyncio.gather(*(_check_source(s) for s in enabled))
+    for settings in config.sources:
+        if not settings.enabled:
+            print(f"{settings.name} ({settings.type}): skipped (disabled)")
+    for settings, (passed, detail) in zip(enabled, results, strict=True):
+        print(f"{settings.name} ({settings.type}): {'ok' if passed else 'FAILED'}: {detail}")
+        ok = ok and passed
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _check_database(config: Config) -> bool:
+    db = Database(config.database.url, busy_timeout=config.database.busy_timeout)
+    try:
+        current, head = await db.current(), head_revision()
+    except SyncdError as err:
+        print(f"database: FAILED: {redact_text(err.message)}")
+        return False
+    finally:
+        await db.dispose()
+    state = "at head" if current == head else "migrations pending (applied by `syncd run`)"
+    print(f"database: ok ({db.display_url}, {state})")
+    return True
+
+
+async def _check_source(settings: SourceSettings) -> tuple[bool, str]:
+    """The source's own cheapest authenticated call, through the registry; one retry."""
+    try:
+        async with client_for(settings, max_retries=min(settings.max_retries, 1)) as http:
+            detail = await SOURCE_TYPES[settings.type].create(settings, http).check()
+    except SyncdError as err:
+        return False, redact_text(err.message)
+    return True, redact_text(detail)
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    """Stream the mirror to a file (written whole or not at all) or to stdout."""
+    config = _setup(args, log_stream=sys.stderr)
+    which = ExportFilter(
+        sources=args.source or (),
+        collections=args.collection or (),
+        kinds=args.kind or (),
+        include_deleted=args.include_deleted,
+    )
+    db = await _open_database(config)
+    try:
+        if args.output in (None, "-"):
+            count = await export(db, sys.stdout, args.format, which)
+            sys.stdout.flush()
+        else:
+            count = await _export_file(db, Path(args.output), args.format, which)
+    finally:
+        await db.dispose()
+    log.info("export.finished", format=args.format, features=count, output=args.output or "-")
+    return EXIT_OK
+
+
+async def _export_file(db: Database, target: Path, fmt: Format, which: ExportFilter) -> int:
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as out:
+            count = await export(db, out, fmt, which)
+        partial.replace(target)
+    except OSError as err:
+        raise ConfigError(f"-o {target}: cannot write: {err.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return count
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     config = _setup(args, log_stream=sys.stderr)
     db = await _open_database(config)
@@ -159,7 +252,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         await db.dispose()
     now = datetime.now(UTC)
     if args.json:
-        print(json.dumps([_status_json(s, now) for s in statuses], indent=2, default=str))
+        print(json.dumps([status_json(s, now) for s in statuses], indent=2, default=str))
     else:
         for status in statuses:
             print(_status_text(status, now))
@@ -168,24 +261,6 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 def _age(moment: datetime | None, now: datetime) -> float | None:
     return None if moment is None else round((now - moment).total_seconds(), 1)
-
-
-def _status_json(s: SourceStatus, now: datetime) -> dict[str, Any]:
-    last = s.last_run
-    return {
-        "source": s.source,
-        "last_run": None
-        if last is None
-        else {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in last.items()},
-        "status": last["status"] if last else None,
-        "last_success_at": s.last_success_at.isoformat() if s.last_success_at else None,
-        "last_error": s.last_error,
-        "scopes": s.scopes,
-        "cursor_age_seconds": _age(s.oldest_cursor_at, now),
-        "newest_cursor_age_seconds": _age(s.newest_cursor_at, now),
-        "live": s.live,
-        "deleted": s.deleted,
-    }
 
 
 def _status_text(s: SourceStatus, now: datetime) -> str:
@@ -226,7 +301,12 @@ async def cmd_sandbox(args: argparse.Namespace) -> int:
     from syncd.sandbox.server import serve
 
     configure_logging("info", os.environ.get("SYNCD_LOG_FORMAT", "auto"))
-    await serve(host=args.host, port=args.port, mutate_every=args.mutate_every, seed=args.seed)
+    try:
+        await serve(host=args.host, port=args.port, mutate_every=args.mutate_every, seed=args.seed)
+    except OSError as err:
+        raise ConfigError(
+            f"sandbox: cannot listen on {args.host}:{args.port}: {err.strerror}"
+        ) from None
     return EXIT_OK
 
 
@@ -234,6 +314,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "run": cmd_run,
     "sync": cmd_sync,
     "status": cmd_status,
+    "check": cmd_check,
+    "export": cmd_export,
     "db": cmd_db,
     "sandbox": cmd_sandbox,
 }

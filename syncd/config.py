@@ -20,6 +20,7 @@ from syncd import redact
 from syncd.errors import ConfigError
 from syncd.settings import SourceSettings, StrictModel
 from syncd.sources import SOURCE_TYPES, SourceConfig
+from syncd.units import Duration
 
 DEFAULT_PATH = Path("config/syncd.toml")
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -57,12 +58,22 @@ class ServerConfig(StrictModel):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
 
 
+class DaemonConfig(StrictModel):
+    """How `syncd run` schedules sources and shuts down."""
+
+    shutdown_grace: Duration = 20.0
+    """Seconds SIGTERM waits for in-flight syncs before cancelling them (exit 1)."""
+    max_backoff: Annotated[Duration, Field(gt=0)] = 900.0
+    """Cap of the delay before retrying a source that keeps failing (doubles per failure)."""
+
+
 class Config(StrictModel):
     """The whole config file."""
 
     database: DatabaseConfig = DatabaseConfig()
     logging: LoggingConfig = LoggingConfig()
     server: ServerConfig = ServerConfig()
+    daemon: DaemonConfig = DaemonConfig()
     sources: list[SourceConfig] = []
 
     @model_validator(mode="after")

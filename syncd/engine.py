@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ from syncd.errors import StorageError, SyncdError
 from syncd.http import HttpClient, RetryPolicy
 from syncd.mirror import ApplyResult, Database, DeleteGuard, Mirror
 from syncd.mirror.store import finish_run, load_cursors, start_run
-from syncd.records import ScopeFailed
+from syncd.records import ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
 from syncd.sources import SOURCE_TYPES
 
@@ -43,6 +44,12 @@ class RunOutcome:
     held: int = 0
     skipped: int = 0
     requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    """HTTP answers by status code (0: no answer), from the run's HttpClient."""
+    retries: int = 0
+    ratelimit_waits: int = 0
+    stopped: bool = False
+    """The run ended early because the daemon is shutting down."""
     duration_ms: int = 0
     failed_scopes: list[str] = field(default_factory=list)
     error: str | None = None
@@ -76,11 +83,14 @@ class Engine:
         *,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         clock: Callable[[], datetime] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.db = db
         self.mirror = Mirror(db, clock=clock)
         self._clock = clock or (lambda: datetime.now(UTC))
         self._session_factory = session_factory
+        self.stop = stop or asyncio.Event()
+        """Set on shutdown: runs stop between scopes, never inside an apply."""
 
     async def sync(
         self, settings: SourceSettings, *, full: bool = False, allow_mass_delete: bool = False
@@ -94,8 +104,12 @@ class Engine:
             structlog.contextvars.bind_contextvars(run_id=outcome.run_id)
             log.info("sync.started", full=full)
             await self._pass(settings, outcome, full=full, allow=allow_mass_delete)
-            outcome.status = "partial" if outcome.failed_scopes or outcome.held else "ok"
-            if outcome.failed_scopes:
+            outcome.status = (
+                "partial" if outcome.failed_scopes or outcome.held or outcome.stopped else "ok"
+            )
+            if outcome.stopped:
+                outcome.error = "stopped by shutdown before every scope was synced"
+            elif outcome.failed_scopes:
                 outcome.error = f"{len(outcome.failed_scopes)} scope(s) failed: " + ", ".join(
                     outcome.failed_scopes[:5]
                 )
@@ -121,26 +135,24 @@ class Engine:
             min_rows=settings.mass_delete_min_rows,
             allow=allow or settings.allow_mass_delete,
         )
-        http = HttpClient(
-            source=settings.name,
-            timeout=settings.timeout,
-            retry=RetryPolicy(max_retries=settings.max_retries, base_delay=settings.retry_backoff),
-            auth=kind.auth(settings),
-            limiter=kind.limiter(settings),
-            concurrency=settings.concurrency,
-            session=self._session_factory() if self._session_factory else None,
+        http = client_for(
+            settings, session=self._session_factory() if self._session_factory else None
         )
         try:
             async with http:
                 source = kind.create(settings, http)
                 cursors = await load_cursors(self.db, settings.name)
-                async for item in source.snapshots(cursors, full=full):
+                async for item in _until_stopped(source.snapshots(cursors, full=full), self.stop):
+                    if item is None:
+                        outcome.stopped = True
+                        log.info("sync.stopping", reason="shutdown")
+                        break
                     if isinstance(item, ScopeFailed):
                         outcome.failed_scopes.append(item.scope)
                         log.warning("scope.failed", scope=item.scope, error=_describe(item.error))
                         continue
-                    result = await self.mirror.apply(
-                        settings.name, item, guard=guard, run_id=outcome.run_id
+                    result = await _uncancellable(
+                        self.mirror.apply(settings.name, item, guard=guard, run_id=outcome.run_id)
                     )
                     if result.held is not None:
                         outcome.held += result.held.would_delete
@@ -157,6 +169,9 @@ class Engine:
                     log.debug("scope.applied", scope=item.scope, **_result_counts(result))
         finally:
             outcome.requests = http.requests
+            outcome.statuses = Counter(http.statuses)
+            outcome.retries = http.retries
+            outcome.ratelimit_waits = http.ratelimit_waits
 
     async def _close(self, outcome: RunOutcome, started: float) -> None:
         outcome.duration_ms = round((time.monotonic() - started) * 1000)
@@ -185,6 +200,78 @@ class Engine:
             log.error("sync.failed", error=outcome.error, **fields)
         else:
             log.info("sync.finished", **fields)
+
+
+def client_for(
+    settings: SourceSettings,
+    *,
+    max_retries: int | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> HttpClient:
+    """The HTTP client a source's settings call for (auth, limits, retries, timeout)."""
+    kind = SOURCE_TYPES[settings.type]
+    retries = settings.max_retries if max_retries is None else max_retries
+    return HttpClient(
+        source=settings.name,
+        timeout=settings.timeout,
+        retry=RetryPolicy(max_retries=retries, base_delay=settings.retry_backoff),
+        auth=kind.auth(settings),
+        limiter=kind.limiter(settings),
+        concurrency=settings.concurrency,
+        session=session,
+    )
+
+
+async def _until_stopped(
+    items: AsyncIterator[Snapshot | ScopeFailed], stop: asyncio.Event
+) -> AsyncIterator[Snapshot | ScopeFailed | None]:
+    """The source's items until `stop` is set, then one None; a hung fetch does not delay it.
+
+    The pending fetch is cancelled and the source's generator closed, which cancels its
+    own in-flight requests; nothing of an unapplied scope has been written.
+    """
+    waiter = asyncio.ensure_future(stop.wait())
+    fetch: asyncio.Future[Snapshot | ScopeFailed] | None = None
+    try:
+        while True:
+            if stop.is_set():
+                yield None
+                return
+            fetch = asyncio.ensure_future(anext(items))
+            await asyncio.wait({fetch, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+                yield None
+                return
+            try:
+                item = fetch.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        # Also on cancellation: a generator can only be closed once no fetch runs in it.
+        pending = [f for f in (waiter, fetch) if f is not None and not f.done()]
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _uncancellable(apply: Coroutine[Any, Any, ApplyResult]) -> ApplyResult:
+    """Run one Mirror.apply to its commit even if the run is cancelled meanwhile.
+
+    A cancellation (the shutdown grace ran out) waits for the transaction to end, then
+    propagates: the scope is either fully committed or not at all, never half-written.
+    """
+    task = asyncio.ensure_future(apply)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 def _describe(error: Exception) -> str:

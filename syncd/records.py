@@ -120,3 +120,11 @@ class Source(Protocol):
         may rely on an earlier snapshot being committed when it yields a later one.
         """
         ...
+
+    async def check(self) -> str:
+        """Make the cheapest authenticated call; return a short detail ("3 maps visible").
+
+        Raises a SourceError (AuthError, TransportError ...) naming the problem, which
+        `syncd check` prints as is.
+        """
+        ...

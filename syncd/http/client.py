@@ -10,6 +10,8 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -70,6 +72,8 @@ class HttpClient:
         self.retries = 0
         self.ratelimit_waits = 0
         """Times the limiter held a request back before sending it."""
+        self.server_date: datetime | None = None
+        """The `Date` header of the last answer: lets `check` name clock skew."""
 
     async def __aenter__(self) -> HttpClient:
         if self._session is None:
@@ -161,9 +165,10 @@ class HttpClient:
             self.statuses[0] += 1
             reason = redact_text(str(err)) or type(err).__name__
             raise TransportError(
-                f"{method} {shown}: connection failed: {reason}", url=shown
+                f"{method} {shown}: {_transport_failure(err)}: {reason}", url=shown
             ) from None
         self.statuses[status] += 1
+        self.server_date = _http_date(headers.get("Date"))
         payload = _decode(body)
         self.limiter.observe(status, headers, payload)
         error = classify(status, body, payload, headers, method=method, url=shown)
@@ -181,6 +186,26 @@ class HttpClient:
 
 
 _INVALID: Any = object()
+
+
+def _transport_failure(err: aiohttp.ClientError) -> str:
+    """Name the layer that failed, so `syncd check` tells DNS from TLS from refusal."""
+    if isinstance(err, aiohttp.ClientConnectorDNSError):
+        return "DNS lookup failed"
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate rejected"
+    if isinstance(err, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    return "connection failed"
+
+
+def _http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _decode(body: bytes) -> Any:

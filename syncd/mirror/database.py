@@ -73,7 +73,8 @@ class Database:
                     conn = await plain.execution_options(syncd_begin="BEGIN IMMEDIATE")
                 async with conn.begin():
                     yield conn
-        except SQLAlchemyError as err:
+        except (SQLAlchemyError, OSError) as err:
+            # asyncpg raises plain OSError (refused, unreachable) before SQLAlchemy wraps it
             raise StorageError(f"database write failed: {_describe(err)}") from err
 
     @asynccontextmanager
@@ -82,7 +83,8 @@ class Database:
         try:
             async with self.engine.connect() as conn:
                 yield conn
-        except SQLAlchemyError as err:
+        except (SQLAlchemyError, OSError) as err:
+            # asyncpg raises plain OSError (refused, unreachable) before SQLAlchemy wraps it
             raise StorageError(f"database read failed: {_describe(err)}") from err
 
     async def upgrade(self, revision: str = "head") -> None:
@@ -148,7 +150,7 @@ def _sqlite_engine(url: URL, busy_timeout: float) -> AsyncEngine:
     return engine
 
 
-def _describe(err: SQLAlchemyError) -> str:
+def _describe(err: SQLAlchemyError | OSError) -> str:
     """The driver's own message without the SQL statement and its parameters."""
     orig = getattr(err, "orig", None)
     return redact_text(f"{type(orig or err).__name__}: {orig or err}".splitlines()[0])[:300]

@@ -134,3 +134,26 @@ async def source_status(db: Database, source: str) -> SourceStatus:
         live=live or 0,
         deleted=deleted or 0,
     )
+
+
+def _age(moment: datetime | None, now: datetime) -> float | None:
+    return None if moment is None else round((now - moment).total_seconds(), 1)
+
+
+def status_json(s: SourceStatus, now: datetime) -> dict[str, Any]:
+    """A source's status as JSON-ready values (`syncd status --json`, `/status`)."""
+    last = s.last_run
+    return {
+        "source": s.source,
+        "last_run": None
+        if last is None
+        else {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in last.items()},
+        "status": last["status"] if last else None,
+        "last_success_at": s.last_success_at.isoformat() if s.last_success_at else None,
+        "last_error": s.last_error,
+        "scopes": s.scopes,
+        "cursor_age_seconds": _age(s.oldest_cursor_at, now),
+        "newest_cursor_age_seconds": _age(s.newest_cursor_at, now),
+        "live": s.live,
+        "deleted": s.deleted,
+    }

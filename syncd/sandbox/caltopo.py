@@ -20,6 +20,7 @@ import string
 import time
 import uuid
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
@@ -145,6 +146,8 @@ class CalTopoWorld:
         self.faults: list[Fault] = []
         self.request_log: list[LoggedRequest] = []
         self.revoked = False
+        self.clock_skew = 0.0
+        """Seconds the server's wall clock runs ahead of the real one (to test skew checks)."""
         self._last_ms = 0
         self._id_rng = random.Random(seed)
         self._ids_rng = random.Random(seed + 7919)
@@ -152,9 +155,13 @@ class CalTopoWorld:
         self._maps: dict[str, dict[tuple[str, str], _Obj]] = {}
         self._churn: dict[str | None, int] = {None: 0}  # scope -> last add/delete (None = acct)
 
+    def wall_clock(self) -> float:
+        """The server's wall clock in epoch seconds, skew included."""
+        return time.time() + self.clock_skew
+
     def now(self) -> int:
         """Server clock in epoch ms, strictly increasing so "changed after T" is unambiguous."""
-        self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        self._last_ms = max(int(self.wall_clock() * 1000), self._last_ms + 1)
         return self._last_ms
 
     # ---- account objects -------------------------------------------------------------
@@ -316,7 +323,7 @@ def _authorized(world: CalTopoWorld, request: web.Request) -> bool:
     expires = int(query["expires"]) if query.get("expires", "").isdigit() else 0
     if world.revoked or query.get("id") != world.credential_id:
         return False
-    if expires <= int(time.time() * 1000):
+    if expires <= int(world.wall_clock() * 1000):
         return False
     want = expected_signature(
         request.method, request.path, expires, query.get("json", ""), world.credential_secret
@@ -395,6 +402,8 @@ def create_app(world: CalTopoWorld) -> web.Application:
         status = 0
         try:
             resp = await _fire_fault(world, request) or _answer(world, request, match)
+            if world.clock_skew:
+                resp.headers["Date"] = formatdate(world.wall_clock(), usegmt=True)
             transport = request.transport
             status = 0 if transport is None or transport.is_closing() else resp.status
             return resp
@@ -516,11 +525,18 @@ def populate(
             world.add_object(map_id, cls, geom, props)
 
 
-async def mutate_forever(world: CalTopoWorld, *, every: float = 5.0, seed: int = 0) -> None:
-    """Keep changing the world at random (objects and occasionally maps), for the demo."""
+async def mutate_forever(
+    world: CalTopoWorld, *, every: float = 5.0, seed: int = 0, delete_every: int = 0
+) -> None:
+    """Keep changing the world at random (objects and occasionally maps), for the demo.
+
+    `delete_every = N` makes every Nth change a deletion of a non-track object.
+    """
     rng = random.Random(seed)
+    step = 0
     while True:
         await asyncio.sleep(every)
+        step += 1
         maps = world.map_ids()
         if not maps or rng.random() < 0.01:
             world.add_map(f"Sandbox Incident {rng.randint(100, 999)}")
@@ -533,6 +549,8 @@ async def mutate_forever(world: CalTopoWorld, *, every: float = 5.0, seed: int =
         keys = [k for k in live if k[0] != "Folder"]
         tracks = [k for k in keys if k[0] == "AppTrack"]
         op = rng.choice(["add", "edit", "move", "append", "delete", "retype"]) if keys else "add"
+        if delete_every and step % delete_every == 0 and len(keys) > len(tracks):
+            op = "delete"  # the demo's first minute must show deletions, not just by luck
         if op in ("append", "retype") and not tracks:
             world.add_object(
                 map_id,
@@ -559,6 +577,9 @@ async def mutate_forever(world: CalTopoWorld, *, every: float = 5.0, seed: int =
             point = [round(lon + rng.uniform(-0.002, 0.002), 6), round(lat + 0.001, 6)]
             world.move_object(map_id, *key, {"type": "Point", "coordinates": point})
         elif op == "delete":
-            world.delete_object(map_id, *rng.choice(keys))
+            forced = delete_every and step % delete_every == 0
+            world.delete_object(
+                map_id, *rng.choice([k for k in keys if k not in tracks] if forced else keys)
+            )
         else:
             world.edit_object(map_id, *rng.choice(keys), {"description": f"{rng.random():.3f}"})

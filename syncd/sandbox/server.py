@@ -53,7 +53,9 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     await site.start()
     mutator = (
-        asyncio.create_task(caltopo.mutate_forever(worlds.caltopo, every=mutate_every, seed=seed))
+        asyncio.create_task(
+            caltopo.mutate_forever(worlds.caltopo, every=mutate_every, seed=seed, delete_every=4)
+        )
         if mutate_every > 0
         else None
     )

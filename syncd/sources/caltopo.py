@@ -38,6 +38,7 @@ from syncd.units import Duration
 log = structlog.get_logger(__name__)
 
 SIGNATURE_LIFETIME_MS = 2 * 60 * 1000  # the page's DEFAULT_TIMEOUT_MS
+CLOCK_SKEW_WARN_S = 60.0  # half the signature lifetime: beyond it, 401s are near
 MAP_CLASS = "CollaborativeMap"
 
 
@@ -111,11 +112,57 @@ def auth_for(settings: CalTopoSettings) -> CalTopoAuth:
 class CalTopoSource:
     """Polls the account, then every map in scope with bounded concurrency."""
 
-    def __init__(self, settings: CalTopoSettings, http: HttpClient) -> None:
+    def __init__(
+        self,
+        settings: CalTopoSettings,
+        http: HttpClient,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.name = settings.name
         self.settings = settings
         self.http = http
         self._overlap_ms = round(settings.overlap * 1000)
+        self._clock = clock
+
+    async def check(self) -> str:
+        """`acct/{team}/since/{now}`: signed, and empty because nothing changed since now.
+
+        A signature expires 2 minutes after the *local* clock (FACTS.md), so a 401 from
+        a client whose clock is off by more than a minute names the skew as the cause.
+        """
+        team = self.settings.team_id
+        local = self._clock()
+        try:
+            result = await self._fetch(f"/api/v1/acct/{quote(team)}/since/{int(local * 1000)}")
+        except AuthError as err:
+            skew = self._skew(local, None)
+            if skew is not None and abs(skew) > CLOCK_SKEW_WARN_S:
+                raise AuthError(
+                    f"{err.message}; the local clock is {_skew_text(skew)}: CalTopo "
+                    "signatures expire 2 min after the local time, fix the clock (NTP)",
+                    url=err.url,
+                    status=err.status,
+                ) from None
+            if err.status == 403:
+                raise AuthError(
+                    f"{err.message}; credential {self.settings.credential_id} "
+                    f"has no access to team {team}",
+                    url=err.url,
+                    status=err.status,
+                ) from None
+            raise
+        detail = f"team {team}: credential accepted"
+        skew = self._skew(local, int(_timestamp(result)) / 1000)
+        if skew is not None and abs(skew) > CLOCK_SKEW_WARN_S:
+            detail += f" (warning: the local clock is {_skew_text(skew)})"
+        return detail
+
+    def _skew(self, local: float, server: float | None) -> float | None:
+        """Local minus server time in seconds, from the body's timestamp or the Date header."""
+        if server is None and self.http.server_date is not None:
+            server = self.http.server_date.timestamp()
+        return None if server is None else local - server
 
     async def snapshots(
         self, cursors: Mapping[str, str], *, full: bool = False
@@ -217,6 +264,10 @@ class CalTopoSource:
         url = f"{self.settings.base_url}{path}"
         body = await self.http.get_json(url)
         return _unwrap(body, path)
+
+
+def _skew_text(skew: float) -> str:
+    return f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the server's"
 
 
 def _unwrap(body: Any, path: str) -> JSON:
