@@ -128,7 +128,8 @@ async def _open_database(config: Config) -> Database:
 
 async def cmd_sync(args: argparse.Namespace) -> int:
     config = _setup(args)
-    names = args.source or [s.name for s in config.sources if s.enabled]
+    # dict.fromkeys: `--source a --source a` must not run one source twice at once.
+    names = list(dict.fromkeys(args.source or [s.name for s in config.sources if s.enabled]))
     selected = [config.source(name) for name in names]
     if not selected:
         raise ConfigError(f"{args.config or 'config'}: no enabled [[sources]] to sync")

@@ -178,8 +178,8 @@ def _resolve_secret_files(raw: dict[str, Any], file: Path) -> None:
                 secret_path = file.parent / secret_path
             try:
                 table[key] = secret_path.read_text(encoding="utf-8").strip()
-            except OSError as err:
-                reason = err.strerror or type(err).__name__
+            except (OSError, UnicodeDecodeError) as err:
+                reason = getattr(err, "strerror", None) or "not UTF-8 text"
                 raise ConfigError(
                     f"{file}: {where}.{file_key}: cannot read {secret_path}: {reason}"
                 ) from None

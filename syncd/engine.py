@@ -8,6 +8,7 @@ Exactly one canonical line closes each run: `sync.finished` or `sync.failed`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -100,7 +101,7 @@ class Engine:
         started = time.monotonic()
         structlog.contextvars.bind_contextvars(source=settings.name)
         try:
-            outcome.run_id = await start_run(self.db, settings.name, self._clock(), full=full)
+            await self._start(outcome, full)
             structlog.contextvars.bind_contextvars(run_id=outcome.run_id)
             log.info("sync.started", full=full)
             await self._pass(settings, outcome, full=full, allow=allow_mass_delete)
@@ -117,14 +118,35 @@ class Engine:
             outcome.status, outcome.error = "failed", err.message
         except asyncio.CancelledError:
             outcome.status, outcome.error = "failed", "cancelled (shutdown)"
-            await asyncio.shield(self._close(outcome, started))
+            await self._finish(outcome, started)
             raise
         except Exception as err:  # a bug: keep the traceback, keep the other sources going
             outcome.status, outcome.error = "failed", f"internal error: {type(err).__name__}: {err}"
             log.exception("sync.internal_error")
-        await self._close(outcome, started)
+        await self._finish(outcome, started)
         structlog.contextvars.unbind_contextvars("source", "run_id")
         return outcome
+
+    async def _finish(self, outcome: RunOutcome, started: float) -> None:
+        """Close the run row even if cancelled meanwhile: a run must never stay `running`."""
+        closing = asyncio.ensure_future(self._close(outcome, started))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing  # finish the bookkeeping, then let the cancellation through
+            raise
+
+    async def _start(self, outcome: RunOutcome, full: bool) -> None:
+        """Open the run row; if cancelled meanwhile, still learn its id so it gets closed."""
+        opening = asyncio.ensure_future(
+            start_run(self.db, outcome.source, self._clock(), full=full)
+        )
+        try:
+            outcome.run_id = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                outcome.run_id = await opening
+            raise
 
     async def _pass(
         self, settings: SourceSettings, outcome: RunOutcome, *, full: bool, allow: bool

@@ -74,6 +74,10 @@ class Listing:
     collections: frozenset[str] | None
     keys: frozenset[Key]
     kinds: frozenset[str] | None = None
+    cascade: bool = False
+    """Its tombstones follow from another listing of the same snapshot (a map gone from
+    the account takes its objects along). The mass-delete guard judges the share of
+    the parent scope's rows, and counts cascaded rows only toward its minimum."""
 
     def covers(self, key: Key) -> bool:
         collection, kind, _ = key

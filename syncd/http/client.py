@@ -211,7 +211,7 @@ def _http_date(value: str | None) -> datetime | None:
 def _decode(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _INVALID
 
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd.mirror.content import Content, content_of, merge
@@ -38,10 +38,18 @@ class DeleteGuard:
     min_rows: int = 10
     allow: bool = False
 
-    def holds(self, deleting: int, live: int) -> bool:
-        if self.allow or deleting <= self.min_rows:
+    def holds(
+        self, deleting: int, live: int, *, total: int | None = None, source_live: int | None = None
+    ) -> bool:
+        """Hold when more than `min_rows` rows would go and either the scope's own share
+        (`deleting` of `live`) or, with cascades, everything that would go (`total`) as a
+        share of the source's whole live mirror exceeds the fraction."""
+        total = deleting if total is None else total
+        if self.allow or total <= self.min_rows:
             return False
-        return deleting > self.max_fraction * live
+        if deleting > self.max_fraction * live:
+            return True
+        return source_live is not None and total > self.max_fraction * source_live
 
 
 @dataclass(frozen=True)
@@ -143,10 +151,15 @@ async def _apply(
         else:
             result.unchanged += 1
 
-    tombstones, live = await _tombstones(conn, source, snapshot, records.keys())
-    if tombstones and guard.holds(len(tombstones), live):
-        result.held = HeldDeletion(snapshot.scope, len(tombstones), live)
-        return result
+    doomed = await _tombstones(conn, source, snapshot, records.keys())
+    tombstones = sorted(doomed.rows.items())
+    if tombstones:
+        cascaded = len(tombstones) > doomed.primary
+        source_live = await _count_live(conn, source) if cascaded else None
+        if guard.holds(doomed.primary, doomed.live, total=len(tombstones), source_live=source_live):
+            live = doomed.live if source_live is None else source_live
+            result.held = HeldDeletion(snapshot.scope, len(tombstones), live)
+            return result
 
     change_rows: list[dict[str, Any]] = []
     if inserts:
@@ -236,26 +249,47 @@ async def _load_content(conn: AsyncConnection, ids: list[int]) -> dict[int, Cont
     return loaded
 
 
+@dataclass
+class _Doomed:
+    rows: dict[int, int]
+    """id -> version of every live row the snapshot proves gone."""
+    primary: int
+    """How many of them the snapshot's own (non-cascade) listings and deletions prove."""
+    live: int
+    """Live rows those own listings and deletions speak for: the guard's denominator."""
+
+
 async def _tombstones(
     conn: AsyncConnection, source: str, snapshot: Snapshot, present: Iterable[Key]
-) -> tuple[list[tuple[int, int]], int]:
-    """(id, version) of live rows the snapshot proves gone, and how many live rows it spoke for."""
+) -> _Doomed:
+    """Live rows the snapshot proves gone, with what the mass-delete guard weighs."""
     present = set(present)
     doomed: dict[int, int] = {}
+    primary: set[int] = set()
     examined: set[int] = set()
     for listing in snapshot.listings:
         live_keys = listing.keys | present
         async for fid, key, version in _live_rows(conn, source, listing):
-            examined.add(fid)
+            if not listing.cascade:
+                examined.add(fid)
             if key not in live_keys:
                 doomed[fid] = version
+                if not listing.cascade:
+                    primary.add(fid)
     explicit = [k for k in snapshot.deleted if k not in present]
     if explicit:
         for row in (await _load_stored(conn, source, explicit)).values():
             if not row.deleted:
                 examined.add(row.id)
+                primary.add(row.id)
                 doomed[row.id] = row.version
-    return sorted(doomed.items()), len(examined)
+    return _Doomed(doomed, len(primary), len(examined))
+
+
+async def _count_live(conn: AsyncConnection, source: str) -> int:
+    f = features.c
+    query = select(func.count()).where(f.source == source, f.deleted_at.is_(None))
+    return int((await conn.execute(query)).scalar_one())
 
 
 async def _live_rows(

@@ -94,12 +94,14 @@ def append_track_points(stored: JSON | None, delta: JSON) -> JSON:
     re-reading an overlap window never duplicates a point. Without times, points that
     already end the stored track are recognised and not appended again.
     """
-    new_points = [list(p) for p in delta.get("coordinates") or []]
+    new_points = _positions(delta.get("coordinates"))
+    if new_points is None:
+        raise ValueError("incremental geometry: coordinates are not a list of positions")
     result = {k: v for k, v in delta.items() if k != "incremental"}
-    if not stored or stored.get("type") != delta.get("type", "LineString"):
+    points = _positions(stored.get("coordinates")) if stored else None
+    if not stored or points is None or stored.get("type") != delta.get("type", "LineString"):
         result["coordinates"] = new_points
         return result
-    points = [list(p) for p in stored.get("coordinates") or []]
     last_time = points[-1][3] if points and len(points[-1]) >= 4 else None
     if last_time is not None:
         fresh = [p for p in new_points if len(p) < 4 or p[3] > last_time]
@@ -108,3 +110,17 @@ def append_track_points(stored: JSON | None, delta: JSON) -> JSON:
     else:
         fresh = new_points
     return {**stored, "coordinates": points + fresh}
+
+
+def _positions(value: Any) -> list[list[Any]] | None:
+    """The value as a list of numeric positions, or None if it is anything else."""
+    if not isinstance(value, list):
+        return None
+    positions = []
+    for point in value:
+        if not isinstance(point, list) or len(point) < 2:
+            return None
+        if not all(isinstance(c, int | float) and not isinstance(c, bool) for c in point):
+            return None
+        positions.append(list(point))
+    return positions

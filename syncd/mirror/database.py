@@ -37,7 +37,7 @@ def async_url(url: str) -> URL:
     """Pick the async driver for a plain sqlite:// or postgresql:// URL."""
     try:
         parsed = make_url(url.replace("postgres://", "postgresql://", 1))
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"database.url: not a database URL: {redact_text(url)}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.get_driver_name() != "aiosqlite":
@@ -128,7 +128,13 @@ def _run_alembic(connection: Connection, action: str, revision: str) -> None:
 def _sqlite_engine(url: URL, busy_timeout: float) -> AsyncEngine:
     database = url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(
+                f"cannot create the database folder {folder}: {err.strerror or err}"
+            ) from None
     engine = create_async_engine(url, connect_args={"timeout": busy_timeout})
 
     @event.listens_for(engine.sync_engine, "connect")

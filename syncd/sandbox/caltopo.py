@@ -196,6 +196,12 @@ class CalTopoWorld:
         del self._account["CollaborativeMap", map_id]
         self._churn[None] = self.now()
 
+    def unlist_map(self, map_id: str) -> None:
+        """Drop a map from the team's account listing while its route keeps answering,
+        like a map only shared with (or bookmarked by) the team."""
+        del self._account["CollaborativeMap", map_id]
+        self._churn[None] = self.now()
+
     def rename_map(self, map_id: str, title: str) -> None:
         """Change a map's title, a full change of the account object."""
         obj = self._account["CollaborativeMap", map_id]

@@ -8,13 +8,13 @@ response proves deletions only when it carries an `ids` map or answers `since/0`
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote, urlsplit
@@ -27,12 +27,12 @@ from syncd.errors import (
     NotFoundError,
     ProtocolError,
     RecordError,
-    SourceError,
     UpstreamError,
 )
 from syncd.http import HttpClient, PreparedRequest
 from syncd.records import JSON, KEEP, Key, Listing, Record, ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
+from syncd.sources.fanout import fan_out
 from syncd.units import Duration
 
 log = structlog.get_logger(__name__)
@@ -180,24 +180,26 @@ class CalTopoSource:
     def _account_snapshot(
         self, scope: str, result: JSON, since: int, cursors: Mapping[str, str]
     ) -> tuple[Snapshot, set[str]]:
-        features = _list(result, "features")
-        records = _records(features, scope, self.name)
+        parsed = _records(_list(result, "features"), scope, self.name)
+        records = parsed.records
         listed = {r.external_id for r in records if r.kind == MAP_CLASS}
         known = {s.removeprefix("map:") for s in cursors if s.startswith("map:")}
+        configured = set(self.settings.maps or ())
         listings: list[Listing] = []
         gone: set[str] = set()
-        live = _live_keys(result, scope, records, complete=since == 0)
+        live = _live_keys(result, scope, parsed, complete=since == 0)
         if live is not None:
             listings.append(Listing(frozenset({scope}), live))
             live_maps = {external_id for _, kind, external_id in live if kind == MAP_CLASS}
             live_maps |= listed
             # A map the mirror holds that a complete account listing lacks is gone,
-            # with everything on it.
-            gone = known - live_maps
-            listings += [Listing(frozenset({m}), frozenset()) for m in sorted(gone)]
+            # with everything on it. A map named in `maps` is judged by its own
+            # answers instead: it may be shared with the team without being listed.
+            gone = known - live_maps - configured
+            listings += [Listing(frozenset({m}), frozenset(), cascade=True) for m in sorted(gone)]
             for map_id in sorted(gone):
                 log.info("caltopo.map_gone", source=self.name, map=map_id)
-        wanted = set(self.settings.maps) if self.settings.maps is not None else known | listed
+        wanted = configured if self.settings.maps is not None else known | listed
         maps = wanted - gone
         return (
             Snapshot(
@@ -211,42 +213,27 @@ class CalTopoSource:
             maps,
         )
 
-    async def _map_snapshots(
+    def _map_snapshots(
         self, maps: list[str], cursors: Mapping[str, str], full: bool
     ) -> AsyncIterator[Snapshot | ScopeFailed]:
-        queue: asyncio.Queue[Snapshot | ScopeFailed] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.settings.concurrency)
-
-        async def fetch(map_id: str) -> None:
+        async def fetch(map_id: str) -> Snapshot:
             scope = f"map:{map_id}"
-            async with slots:
-                try:
-                    item: Snapshot | ScopeFailed = await self._map_snapshot(
-                        map_id, scope, self._since(cursors.get(scope), full)
-                    )
-                except (SourceError, ValueError, TypeError) as err:
-                    item = ScopeFailed(scope, err)
-            await queue.put(item)
+            return await self._map_snapshot(map_id, scope, self._since(cursors.get(scope), full))
 
-        tasks = [asyncio.create_task(fetch(m)) for m in maps]
-        try:
-            for _ in tasks:
-                yield await queue.get()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return fan_out(
+            maps, fetch, scope_of=lambda m: f"map:{m}", concurrency=self.settings.concurrency
+        )
 
     async def _map_snapshot(self, map_id: str, scope: str, since: int) -> Snapshot:
         result = await self._fetch(f"/api/v1/map/{quote(map_id)}/since/{since}")
         state = result.get("state")
         if not isinstance(state, dict):
             raise ProtocolError(f"map {map_id}: response has no 'state' object")
-        records = _records(_list(state, "features"), map_id, self.name)
-        live = _live_keys(result, map_id, records, complete=since == 0)
+        parsed = _records(_list(state, "features"), map_id, self.name)
+        live = _live_keys(result, map_id, parsed, complete=since == 0)
         return Snapshot(
             scope=scope,
-            records=records,
+            records=parsed.records,
             cursor=_timestamp(result),
             listings=(Listing(frozenset({map_id}), live),) if live is not None else (),
         )
@@ -301,19 +288,22 @@ def _timestamp(result: JSON) -> str:
 
 
 def _list(container: JSON, key: str) -> list[Any]:
-    value = container.get(key, [])
+    value = container.get(key)
     if not isinstance(value, list):
-        raise ProtocolError(f"response field {key!r} is not a list")
+        # Absent is not "empty": treating it so would make a since/0 answer prove
+        # that every object is gone.
+        raise ProtocolError(f"response field {key!r} is missing or not a list")
     return value
 
 
 def _live_keys(
-    result: JSON, collection: str, records: list[Record], *, complete: bool
+    result: JSON, collection: str, parsed: _Parsed, *, complete: bool
 ) -> frozenset[Key] | None:
     """Keys of every live object in the scope, when the response proves them; else None.
 
     `ids` lists all live ids by class (a missing class means none); a `since/0`
-    answer is itself the complete current state.
+    answer is itself the complete current state, including objects we could not use
+    (they are present, so not deleted) unless one could not even be identified.
     """
     ids = result.get("ids")
     if ids is not None:
@@ -324,19 +314,47 @@ def _live_keys(
             for kind, values in ids.items()
             for external_id in values
         )
-    if complete:
-        return frozenset(r.key for r in records)
+    if complete and not parsed.unidentified:
+        return frozenset(r.key for r in parsed.records) | parsed.skipped
     return None
 
 
-def _records(features: list[Any], collection: str, source: str) -> list[Record]:
+@dataclass(frozen=True)
+class _Parsed:
+    """The usable records of a response, and what is known of the unusable ones."""
+
+    records: list[Record]
+    skipped: frozenset[Key]
+    """Keys of features skipped as unusable but identifiable: present, so not deleted."""
+    unidentified: bool
+    """Some feature had no usable (class, id): the response cannot prove absences."""
+
+
+def _records(features: list[Any], collection: str, source: str) -> _Parsed:
     records: list[Record] = []
+    skipped: set[Key] = set()
+    unidentified = False
     for feature in features:
         try:
             records.append(normalize(feature, collection))
         except RecordError as err:
             log.warning("record.skipped", source=source, collection=collection, reason=err.message)
-    return records
+            key = _identity(feature, collection)
+            if key is None:
+                unidentified = True
+            else:
+                skipped.add(key)
+    return _Parsed(records, frozenset(skipped), unidentified)
+
+
+def _identity(feature: Any, collection: str) -> Key | None:
+    """(collection, class, id) of a raw feature, if it has them."""
+    if not isinstance(feature, dict) or not isinstance(feature.get("properties"), dict):
+        return None
+    external_id, kind = feature.get("id"), feature["properties"].get("class")
+    if external_id in (None, "") or not isinstance(kind, str) or not kind:
+        return None
+    return (collection, kind, str(external_id))
 
 
 def normalize(feature: Any, collection: str) -> Record:

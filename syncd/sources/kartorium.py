@@ -26,11 +26,12 @@ from typing import Any, ClassVar, Literal
 import structlog
 from pydantic import Field, PositiveInt, SecretStr, field_validator
 
-from syncd.errors import AuthError, NotFoundError, RecordError, SourceError
+from syncd.errors import AuthError, NotFoundError, RecordError
 from syncd.http import BearerAuth, HttpClient
 from syncd.mirror.content import canonical_json
 from syncd.records import JSON, Listing, Record, ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
+from syncd.sources.fanout import fan_out
 from syncd.sources.kartorium_api import explain_auth, unwrap_list
 from syncd.sources.kartorium_geometry import COORDINATE_KEY, InvalidGeometry, feature_geometry
 
@@ -178,7 +179,7 @@ class KartoriumSource:
                 frozenset(r.key for r in records),
                 frozenset({"project"}),
             ),
-            *(Listing(frozenset({p}), frozenset()) for p in sorted(gone)),
+            *(Listing(frozenset({p}), frozenset(), cascade=True) for p in sorted(gone)),
         ]
         return (
             Snapshot(
@@ -196,32 +197,20 @@ class KartoriumSource:
     async def _project_snapshots(
         self, projects: list[str], cursors: Mapping[str, str], full: bool
     ) -> AsyncIterator[Snapshot | ScopeFailed]:
-        queue: asyncio.Queue[Snapshot | ScopeFailed | AuthError | None] = asyncio.Queue()
-
-        async def run(project: str) -> None:
+        async def fetch(project: str) -> Snapshot | None:
             scope = PROJECT_PREFIX + project
             state = ProjectState() if full else ProjectState.parse(cursors.get(scope))
-            item: Snapshot | ScopeFailed | AuthError | None
-            try:
-                item = await self._project_snapshot(project, scope, state)
-            except AuthError as err:
-                item = err  # a bad key or missing scope fails the whole source
-            except (SourceError, ValueError, TypeError) as err:
-                item = ScopeFailed(scope, err)
-            await queue.put(item)
+            return await self._project_snapshot(project, scope, state)
 
-        tasks = [asyncio.create_task(run(p)) for p in projects]
+        # Requests are bounded by the source-wide semaphore inside each fetch; a bad
+        # key or a missing scope fails the whole source.
         try:
-            for _ in tasks:
-                item = await queue.get()
-                if isinstance(item, AuthError):
-                    raise explain_auth(item)
-                if item is not None:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async for item in fan_out(
+                projects, fetch, scope_of=lambda p: PROJECT_PREFIX + p, fatal=(AuthError,)
+            ):
+                yield item
+        except AuthError as err:
+            raise explain_auth(err) from None
 
     async def _project_snapshot(
         self, project: str, scope: str, state: ProjectState

@@ -94,6 +94,8 @@ def _parse(coordinate_string: Any) -> Any:
         raise
     except ValueError as err:
         raise InvalidGeometry(f"coordinateString is not JSON ({err.args[0][:60]})") from None
+    except RecursionError:
+        raise InvalidGeometry("coordinateString is nested too deeply") from None
 
 
 def _no_constant(name: str) -> Any:
@@ -117,7 +119,11 @@ def _position(value: Any, where: str) -> list[float]:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise InvalidGeometry(f"{where} has a non-number {v!r:.20}")
-        if not math.isfinite(v):
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             raise InvalidGeometry(f"{where} has a non-finite number")
     lon, lat = value[0], value[1]
     if not (-180 <= lon <= 180 and -90 <= lat <= 90):

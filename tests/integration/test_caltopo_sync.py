@@ -435,3 +435,82 @@ async def test_malformed_account_answer_fails_the_source_cleanly(
     assert outcome.status == "failed"
     assert expected in (outcome.error or "")
     assert await mirror_rows(db, "sar") == before
+
+
+async def test_one_large_map_of_many_deleted_is_applied(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    """Deleting one map is a small share of the account, however many objects it held."""
+    world = sandbox.caltopo
+    build_world(world, maps=5, objects=20)
+    doomed = world.map_ids()[0]
+    await engine.sync(sandbox.caltopo_settings())
+    world.delete_map(doomed)
+    other = world.map_ids()[1]
+    world.rename_map(other, "Renamed meanwhile")
+
+    outcome = await engine.sync(sandbox.caltopo_settings())
+
+    assert (outcome.status, outcome.held) == ("ok", 0)
+    assert outcome.deleted == 1 + 20
+    await assert_mirrors_world(db, "sar", world)
+    rows = await mirror_rows(db, "sar")
+    assert any(r["external_id"] == other and r["name"] == "Renamed meanwhile" for r in rows)
+
+
+async def test_every_map_gone_is_held(sandbox: Sandbox, engine: Engine, db: Database) -> None:
+    """A credential that suddenly sees no map (revoked access) must not empty the mirror."""
+    world = sandbox.caltopo
+    build_world(world, maps=2, objects=8)
+    await engine.sync(sandbox.caltopo_settings())
+    before = await mirror_rows(db, "sar")
+    for map_id in world.map_ids():
+        world.delete_map(map_id)
+
+    with capture_logs() as logs:
+        outcome = await engine.sync(sandbox.caltopo_settings())
+
+    assert outcome.status == "partial" and outcome.held > 10
+    assert [e["scope"] for e in logs if e["event"] == "sync.deletions_held"] == ["acct:TEAM01"]
+    assert await mirror_rows(db, "sar") == before
+
+
+async def test_malformed_feature_in_a_full_listing_is_not_deleted(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    """A feature we cannot use is still present upstream: a since/0 answer must not
+    count it as gone."""
+    world = sandbox.caltopo
+    map_id = world.add_map("m")
+    obj = world.add_object(map_id, "Marker", POINT, {"title": "ok"})
+    await engine.sync(sandbox.caltopo_settings())
+    world.move_object(map_id, "Marker", obj, "not a geometry", geometry_only=False)  # type: ignore[arg-type]
+
+    outcome = await engine.sync(sandbox.caltopo_settings(), full=True)
+
+    row = next(r for r in await mirror_rows(db, "sar") if r["external_id"] == obj)
+    assert row["deleted_at"] is None
+    assert outcome.deleted == 0
+
+
+async def test_configured_map_missing_from_account_is_not_flapping(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    """A map named in `maps` but not in the team's listing (e.g. only shared with it)
+    is judged by its own answers, never deleted and restored pass after pass."""
+    world = sandbox.caltopo
+    build_world(world, maps=2)
+    chosen = world.map_ids()[0]
+    settings = sandbox.caltopo_settings(maps=[chosen])
+    await engine.sync(settings)
+    world.unlist_map(chosen)
+
+    for _ in range(3):
+        outcome = await engine.sync(settings, full=True)
+        assert (outcome.status, outcome.deleted, outcome.restored) == ("ok", 1, 0) or (
+            outcome.status,
+            outcome.deleted,
+            outcome.restored,
+        ) == ("ok", 0, 0)
+    rows = [r for r in await mirror_rows(db, "sar") if r["collection"] == chosen]
+    assert rows and all(r["deleted_at"] is None and r["version"] == 1 for r in rows)

@@ -170,3 +170,29 @@ async def test_config_from_environment_variable(sandbox: Sandbox, tmp_path: Path
     result = await syncd("db", "upgrade", env={"SYNCD_CONFIG": config, "PATH": "/usr/bin:/bin"})
     assert result.code == 0, result.stderr
     assert "mirror.db" in result.stdout
+
+
+async def test_repeated_source_runs_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    populate(sandbox.caltopo, maps=1, objects_per_map=3, seed=1)
+    config = str(write_config(tmp_path, sandbox))
+    result = await syncd("sync", "--config", config, "--source", "sar", "--source", "sar")
+    assert result.code == 0
+    assert [e["event"] for e in result.events()].count("sync.started") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite+aiosqlite:///{tmp}/a-file/mirror.db", "cannot create the database folder"),
+        ("postgresql://u@127.0.0.1:notaport/db", "database.url: not a database URL"),
+    ],
+)
+async def test_bad_database_location_is_one_line(tmp_path: Path, url: str, expected: str) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "syncd.toml"
+    path.write_text(f'[database]\nurl = "{url.format(tmp=tmp_path)}"\n')
+    result = await syncd("db", "upgrade", "--config", str(path))
+    assert result.code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -424,23 +424,46 @@ async def test_failing_property_read_fails_only_that_project(
     assert rows[("feature", str(ids["other"]))]["name"] == "Valve 2"
 
 
-async def test_project_gone_with_many_rows_is_held_for_an_operator(
+async def test_every_project_gone_is_held_for_an_operator(
     sandbox: Sandbox, engine: Engine, db: Database
 ) -> None:
+    """A key that suddenly sees no project (revoked access) must not empty the mirror."""
     world = sandbox.kartorium
     ids = build_world(world)
     for i in range(12):
         world.add_feature(ids["s2"], "marker", f"Valve {i}", position=(10.0, 50.0 + i / 100, 0))
     await engine.sync(sandbox.kartorium_settings())
+    total = len(await mirror_rows(db, "twin"))
+    world.delete_project(ids["p1"])
     world.delete_project(ids["p2"])
 
     with capture_logs() as logs:
         held = await engine.sync(sandbox.kartorium_settings())
 
-    assert held.status == "partial" and held.held == 1 + 1 + 13
+    assert held.status == "partial" and held.held == total
     assert [e["scope"] for e in logs if e["event"] == "sync.deletions_held"] == ["projects"]
     rows = await mirror_rows(db, "twin")
     assert all(r["deleted_at"] is None for r in rows)
 
     allowed = await engine.sync(sandbox.kartorium_settings(), allow_mass_delete=True)
-    assert allowed.deleted == 15
+    assert allowed.deleted == total
+
+
+async def test_one_large_project_of_several_gone_is_applied(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    """The guard weighs the share of projects lost; a project's contents follow it."""
+    world = sandbox.kartorium
+    ids = build_world(world)
+    world.add_project("Third twin")
+    for i in range(12):
+        world.add_feature(ids["s2"], "marker", f"Valve {i}", position=(10.0, 50.0 + i / 100, 0))
+    big = world.add_scene(ids["p1"], "Survey", "Map")
+    for i in range(30):
+        world.add_feature(big, "marker", f"Post {i}", position=(-105.0, 40.0 + i / 100, 0))
+    await engine.sync(sandbox.kartorium_settings())
+    world.delete_project(ids["p2"])
+
+    outcome = await engine.sync(sandbox.kartorium_settings())
+
+    assert (outcome.status, outcome.held, outcome.deleted) == ("ok", 0, 1 + 1 + 13)

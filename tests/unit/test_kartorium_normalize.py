@@ -88,6 +88,8 @@ def test_valid_geometry(
         ("marker", None, None, "no position"),
         ("marker", "1,2,3", None, "not an array"),
         ("marker", [1.0, 95.0, 0.0], None, "outside WGS84"),
+        ("marker", [10**400, 0, 0], None, "non-finite"),  # too large for a float
+        ("line", None, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_malformed_geometry_is_refused_with_a_reason(

@@ -320,3 +320,64 @@ async def test_remote_updated_at_round_trips_as_utc(db: Database) -> None:
     row = (await mirror_rows(db))[0]
     assert row["remote_updated_at"] == when
     assert row["first_seen_at"].tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "coordinates",
+    [[1, 2], [[1, 2, 0, None]], "not a list", [[True, 1]], [[1]]],
+    ids=["flat", "null-time", "string", "bool", "short"],
+)
+async def test_malformed_track_update_is_skipped_alone(db: Database, coordinates: Any) -> None:
+    mirror = Mirror(db)
+    track = Record(
+        kind="AppTrack",
+        external_id="t",
+        collection="map1",
+        name="T",
+        geometry={"type": "LineString", "coordinates": [[0, 0, 0, 100]]},
+    )
+    await mirror.apply(SRC, Snapshot("s", [track]))
+    bad = Record(
+        kind="AppTrack",
+        external_id="t",
+        collection="map1",
+        name=KEEP,
+        properties=KEEP,
+        geometry={"type": "LineString", "incremental": True, "coordinates": coordinates},
+        append_points=True,
+    )
+    with capture_logs() as logs:
+        result = await mirror.apply(SRC, Snapshot("s", [bad, marker("fine")], cursor="9"))
+    assert (result.skipped, result.inserted) == (1, 1)
+    assert any(e["event"] == "record.skipped" and e["id"] == "t" for e in logs)
+    assert by_id(await mirror_rows(db))["t"]["geometry"]["coordinates"] == [[0, 0, 0, 100]]
+
+
+def cascade(collection: str) -> Listing:
+    return Listing(frozenset({collection}), frozenset(), cascade=True)
+
+
+async def test_cascade_weighs_the_parent_share_and_the_whole_source(db: Database) -> None:
+    """Losing one big container of many is applied; losing (nearly) everything is held."""
+    mirror = Mirror(db)
+    parents = [
+        Record(kind="Map", external_id=m, collection="acct", name=m) for m in ("m1", "m2", "m3")
+    ]
+    children = [
+        Record(kind="Marker", external_id=f"{m}-{i}", collection=m, name="x")
+        for m in ("m1", "m2", "m3")
+        for i in range(20)
+    ]
+    await mirror.apply(SRC, Snapshot("acct", parents + children))
+
+    def account_without(*gone: str) -> Snapshot:
+        keep = frozenset(("acct", "Map", m) for m in ("m1", "m2", "m3") if m not in gone)
+        listings = (Listing(frozenset({"acct"}), keep), *(cascade(m) for m in gone))
+        return Snapshot("acct", listings=listings)
+
+    one = await mirror.apply(SRC, account_without("m1"))
+    assert (one.held, one.deleted) == (None, 21)  # a third of the maps, a third of the rows
+
+    everything = await mirror.apply(SRC, account_without("m2", "m3"))
+    assert everything.held is not None and everything.held.would_delete == 42
+    assert everything.deleted == 0
