@@ -22,8 +22,10 @@ from syncd.logging import configure_logging
 from syncd.mirror import Database
 from syncd.mirror.models import cursors, features, runs
 from syncd.sandbox import caltopo as caltopo_sandbox
+from syncd.sandbox import katapult as katapult_sandbox
 from syncd.sandbox.server import Worlds, create_app
 from syncd.sources.caltopo import CalTopoSettings
+from syncd.sources.katapult import KatapultSettings
 
 PG_URL = os.environ.get("SYNCD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -114,6 +116,22 @@ class Sandbox:
         }
         values.update(overrides)
         return CalTopoSettings.model_validate(values)
+
+    @property
+    def katapult(self) -> katapult_sandbox.KatapultWorld:
+        return self.worlds.katapult
+
+    def katapult_settings(self, name: str = "poles", **overrides: Any) -> KatapultSettings:
+        values: dict[str, Any] = {
+            "name": name,
+            "type": "katapult",
+            "base_url": f"{self.url}{katapult_sandbox.API}",
+            "api_key": self.katapult.api_key,
+            "retry_backoff": 0.001,
+            "timeout": 5,
+        }
+        values.update(overrides)
+        return KatapultSettings.model_validate(values)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pydantic import Field
 from syncd.http import Auth, HttpClient, RequestLimiter, Unlimited
 from syncd.records import Source
 from syncd.settings import SourceSettings
-from syncd.sources import caltopo
+from syncd.sources import caltopo, katapult
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,12 @@ class SourceType:
 
 SOURCE_TYPES: dict[str, SourceType] = {
     "caltopo": SourceType(caltopo.CalTopoSettings, caltopo.CalTopoSource, caltopo.auth_for),
+    "katapult": SourceType(
+        katapult.KatapultSettings, katapult.KatapultSource, katapult.auth_for, katapult.limiter_for
+    ),
 }
 
 # The `[[sources]]` table, chosen by its `type` key.
-SourceConfig = Annotated[caltopo.CalTopoSettings, Field(discriminator="type")]
+SourceConfig = Annotated[
+    caltopo.CalTopoSettings | katapult.KatapultSettings, Field(discriminator="type")
+]

@@ -1,0 +1,138 @@
+"""Client-side pacing and token budgets, for APIs that publish them (Katapult Pro).
+
+Why: ARCHITECTURE.md §1 rule 7 — limits are obeyed *before* the server enforces them.
+`KeyLimiter` implements the `RequestLimiter` seam of the shared client for one API
+key. One instance serves every concurrent task of a source (one HttpClient per source
+run), so the spacing it enforces is the key's, not a task's.
+
+- Pacing: at most one request per `interval` (asyncio-throttle), plus a small safety
+  margin so that jitter between our send and the server's arrival stamp never brings
+  two requests closer than the server's rule.
+- Token bucket: every answer's `meta.token_count` / `meta.last_refill_time` (epoch ms)
+  is remembered; before a request whose cost exceeds the known remaining tokens, the
+  limiter sleeps until `last_refill_time + refill_period` (the bucket refills in full,
+  FACTS.md Katapult) and logs one `ratelimit.wait` event.
+- A 429 that slipped through anyway is retried by the client after `retry_delay()`:
+  the refill time when the answer carries `meta`, else one pacing interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from asyncio_throttle.throttler import Throttler
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_COSTS: Mapping[str, int] = {"GET": 1, "POST": 10, "DELETE": 10}
+"""Katapult v3 token costs per method (katapult-openapi-v3.yaml `x-token-cost`)."""
+
+_POLL = 0.001  # asyncio-throttle re-checks this often; ~1 ms keeps the rate near the ceiling
+
+
+class KeyLimiter:
+    """Pacing plus a server-reported token bucket for one API key (a `RequestLimiter`)."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        min_interval: float = 0.05,
+        margin: float = 0.002,
+        token_bucket: bool = True,
+        refill_period: float = 60.0,
+        costs: Mapping[str, int] = DEFAULT_COSTS,
+        refill_slack: float = 0.05,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.source = source
+        self.interval = min_interval + margin if min_interval > 0 else 0.0
+        self._throttler = (
+            Throttler(rate_limit=1, period=self.interval, retry_interval=_POLL)
+            if self.interval > 0
+            else None
+        )
+        self.token_bucket = token_bucket
+        self.refill_period = refill_period
+        self.costs = dict(costs)
+        self._slack = refill_slack
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self.tokens: int | None = None
+        """Tokens we believe remain (reported, minus what we sent since); None = unknown."""
+        self.last_refill_ms: int | None = None
+        self.token_waits = 0
+
+    def cost(self, method: str) -> int:
+        """Token cost of one request with this method (unknown methods cost like a write)."""
+        return self.costs.get(method.upper(), max(self.costs.values(), default=1))
+
+    async def acquire(self, method: str) -> float:
+        """Wait for budget, then for the pacing slot; return the seconds waited."""
+        started = time.monotonic()
+        if self.token_bucket:
+            await self._reserve(self.cost(method))
+        if self._throttler is not None:
+            await self._throttler.acquire()  # type: ignore[no-untyped-call]
+        return time.monotonic() - started
+
+    async def _reserve(self, cost: int) -> None:
+        # One task at a time decides and sleeps, so a refill wait is logged once and
+        # the others queue behind it instead of each sending a doomed request.
+        async with self._lock:
+            if self.tokens is not None and self.tokens < cost:
+                wait = self._until_refill()
+                if wait is not None:
+                    self.token_waits += 1
+                    log.info(
+                        "ratelimit.wait",
+                        source=self.source,
+                        wait_ms=round(wait * 1000),
+                        reason="token_bucket",
+                        tokens=self.tokens,
+                        cost=cost,
+                    )
+                    await self._sleep(wait)
+                # The bucket refills in full; the next answer tells us its size.
+                self.tokens = None
+            if self.tokens is not None:
+                self.tokens -= cost
+
+    def _until_refill(self) -> float | None:
+        if self.last_refill_ms is None:
+            return None
+        refill_at = self.last_refill_ms / 1000 + self.refill_period
+        return max(0.0, refill_at - self._clock()) + self._slack
+
+    def observe(self, status: int, headers: Mapping[str, str], body: Any) -> None:
+        """Learn the bucket from `meta` (present on route answers, absent on middleware 429s)."""
+        meta = body.get("meta") if isinstance(body, dict) else None
+        if not isinstance(meta, dict):
+            return
+        count, refill = meta.get("token_count"), meta.get("last_refill_time")
+        if not isinstance(count, int) or not isinstance(refill, int):
+            return
+        if self.last_refill_ms is None or refill > self.last_refill_ms:
+            # A refill we had not seen: the server's count is the truth now.
+            self.last_refill_ms = refill
+            self.tokens = count
+        elif refill == self.last_refill_ms:
+            # Same bucket period: answers may arrive out of order, keep the lowest.
+            self.tokens = count if self.tokens is None else min(self.tokens, count)
+
+    def retry_delay(self, status: int, headers: Mapping[str, str], body: Any) -> float | None:
+        """After a 429 without Retry-After: the refill time if `meta` says so, else one slot."""
+        if status != 429:
+            return None
+        self.observe(status, headers, body)
+        meta = body.get("meta") if isinstance(body, dict) else None
+        if isinstance(meta, dict) and self.last_refill_ms is not None:
+            self.tokens = 0  # everyone else waits for the refill too
+            return self._until_refill()
+        return self.interval or None
