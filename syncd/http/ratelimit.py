@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -65,9 +66,13 @@ class KeyLimiter:
         self._sleep = sleep
         self._lock = asyncio.Lock()
         self.tokens: int | None = None
-        """Tokens we believe remain (reported, minus what we sent since); None = unknown."""
+        """Tokens we believe remain: the server's last count minus what we sent since."""
+        self.capacity: int | None = None
+        """Lower bound of the bucket's size (a count plus its request's cost)."""
         self.last_refill_ms: int | None = None
         self.token_waits = 0
+        self._pending: deque[tuple[int, float]] = deque()
+        """(cost, sent at) of requests sent but not yet answered, oldest first."""
 
     def cost(self, method: str) -> int:
         """Token cost of one request with this method (unknown methods cost like a write)."""
@@ -99,10 +104,11 @@ class KeyLimiter:
                         cost=cost,
                     )
                     await self._sleep(wait)
-                # The bucket refills in full; the next answer tells us its size.
-                self.tokens = None
+                # The bucket refills in full: assume the size we know until told.
+                self.tokens = self.capacity
             if self.tokens is not None:
                 self.tokens -= cost
+            self._pending.append((cost, time.monotonic()))
 
     def _until_refill(self) -> float | None:
         if self.last_refill_ms is None:
@@ -112,25 +118,36 @@ class KeyLimiter:
 
     def observe(self, status: int, headers: Mapping[str, str], body: Any) -> None:
         """Learn the bucket from `meta` (present on route answers, absent on middleware 429s)."""
+        cost = self._answered()
         meta = body.get("meta") if isinstance(body, dict) else None
-        if not isinstance(meta, dict):
+        if not self.token_bucket or not isinstance(meta, dict):
             return
         count, refill = meta.get("token_count"), meta.get("last_refill_time")
         if not isinstance(count, int) or not isinstance(refill, int):
-            return
+            return  # tolerate unknown meta shapes (e.g. a future `token_warning`)
+        # Requests sent after this one are not in the server's count yet.
+        in_flight = sum(c for c, _ in self._pending)
         if self.last_refill_ms is None or refill > self.last_refill_ms:
             # A refill we had not seen: the server's count is the truth now.
             self.last_refill_ms = refill
-            self.tokens = count
+            self.tokens = count - in_flight
+            self.capacity = max(self.capacity or 0, count + cost)
         elif refill == self.last_refill_ms:
             # Same bucket period: answers may arrive out of order, keep the lowest.
-            self.tokens = count if self.tokens is None else min(self.tokens, count)
+            seen = count - in_flight
+            self.tokens = seen if self.tokens is None else min(self.tokens, seen)
+
+    def _answered(self) -> int:
+        """Forget the oldest pending request (answers come back in about send order)."""
+        horizon = time.monotonic() - max(2 * self.refill_period, 120.0)
+        while self._pending and self._pending[0][1] < horizon:
+            self._pending.popleft()  # never answered (transport error): stop counting it
+        return self._pending.popleft()[0] if self._pending else 0
 
     def retry_delay(self, status: int, headers: Mapping[str, str], body: Any) -> float | None:
         """After a 429 without Retry-After: the refill time if `meta` says so, else one slot."""
         if status != 429:
             return None
-        self.observe(status, headers, body)
         meta = body.get("meta") if isinstance(body, dict) else None
         if isinstance(meta, dict) and self.last_refill_ms is not None:
             self.tokens = 0  # everyone else waits for the refill too

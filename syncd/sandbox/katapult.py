@@ -65,6 +65,8 @@ class KatapultJob:
     connections: dict[str, Json] = field(default_factory=dict)
     photos: dict[str, Json] = field(default_factory=dict)
     traces: dict[str, Json] = field(default_factory=dict)
+    stamped: bool = True
+    """Whether the job list shows `last_updated` (the spec: "when available")."""
 
 
 def iso(ms: int) -> str:
@@ -432,11 +434,9 @@ def _list_jobs(world: KatapultWorld, query: Any) -> list[Json]:
         metadata = job.data["metadata"]
         if any(str(metadata.get(k)) != v for k, v in filters):
             continue
-        entries[job.id] = {
-            "status": job.data["status"],
-            "metadata": copy.deepcopy(metadata),
-            "last_updated": job.last_updated,
-        }
+        entries[job.id] = {"status": job.data["status"], "metadata": copy.deepcopy(metadata)}
+        if job.stamped:
+            entries[job.id]["last_updated"] = job.last_updated
     return _filtered(entries, query)
 
 
