@@ -132,11 +132,17 @@ async def test_answers_without_usable_meta_teach_nothing(body: Any) -> None:
     assert (lim.tokens, lim.last_refill_ms) == (None, None)
 
 
-async def test_429_without_meta_waits_one_pacing_slot() -> None:
+async def test_pacing_429_waits_one_slot_and_widens_the_margin_up_to_a_cap() -> None:
     lim = KeyLimiter(source="k", min_interval=0.05, margin=0.002)
-    assert lim.retry_delay(429, {}, {"error": "GENERAL RATE LIMIT EXCEEDED"}) == pytest.approx(
-        0.052
-    )
+    general = {"error": "GENERAL RATE LIMIT EXCEEDED"}
+    with capture_logs() as logs:
+        first = lim.retry_delay(429, {}, general)
+        for _ in range(20):
+            last = lim.retry_delay(429, {}, general)
+    assert first == pytest.approx(0.053)
+    assert last == pytest.approx(0.060)  # never more than 10 ms above the published rule
+    assert logs[0]["event"] == "ratelimit.pacing_widened" and logs[0]["interval_ms"] == 53.0
+    assert len(logs) == 8  # 53 .. 60 ms, then no more widening to report
 
 
 async def test_http_client_waits_for_the_refill_after_a_token_429() -> None:
