@@ -35,7 +35,8 @@ DEFAULT_COSTS: Mapping[str, int] = {"GET": 1, "POST": 10, "DELETE": 10}
 
 _POLL = 0.001  # asyncio-throttle re-checks this often when a slot is not yet free
 _WIDEN = 0.001  # margin added after each 429 of the pacing rule ...
-_MAX_MARGIN = 0.010  # ... up to this much above the published interval
+_MAX_MARGIN = 0.010  # ... up to this much above the published interval,
+_NARROW_AFTER = 1000  # and narrowed by the same step after this many calm requests
 _SPIN = 0.001  # the last stretch before a slot is waited by yielding, not by a timer
 
 
@@ -58,6 +59,8 @@ class KeyLimiter:
         self.source = source
         self.min_interval = min_interval
         self.interval = min_interval + margin if min_interval > 0 else 0.0
+        self._base_interval = self.interval
+        self._calm = 0
         self._throttler = (
             Throttler(rate_limit=1, period=self.interval, retry_interval=_POLL)
             if self.interval > 0
@@ -135,6 +138,14 @@ class KeyLimiter:
     def sent(self) -> None:
         """The HTTP client wrote a request: the next slot counts from here."""
         self._last_sent = time.monotonic()
+        self._calm += 1
+        if self._calm >= _NARROW_AFTER and self.interval > self._base_interval:
+            # A widened margin is narrowed again after a long calm stretch, so one
+            # bad minute does not cost the permitted rate for the process lifetime.
+            self._calm = 0
+            self.interval = max(self._base_interval, self.interval - _WIDEN)
+            if self._throttler is not None:
+                self._throttler.period = self.interval
 
     def _until_refill(self) -> float | None:
         if self.last_refill_ms is None:
@@ -183,6 +194,7 @@ class KeyLimiter:
         # The pacing rule fired although we kept our spacing: the path to the server
         # jitters more than the margin allows. Widen it a little, for good.
         widened = min(self.interval + _WIDEN, self.min_interval + _MAX_MARGIN)
+        self._calm = 0
         if widened > self.interval:
             self.interval = self._throttler.period = widened
             log.warning(

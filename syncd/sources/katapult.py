@@ -59,7 +59,7 @@ class KatapultSettings(SourceSettings):
 
     type: Literal["katapult"]
     base_url: str = "https://katapultpro.com/api/v3"
-    api_key: SecretStr
+    api_key: Annotated[SecretStr, Field(min_length=1)]
     include_archived: bool = False
     metadata_filter: str | dict[str, str] | None = None
     """`"city:Buffalo,phase:2"`, or a table `{city = "Buffalo"}`; passed as `metadataFilter`."""

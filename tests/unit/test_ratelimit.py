@@ -186,3 +186,16 @@ async def test_http_client_waits_for_the_refill_after_a_token_429() -> None:
     (retry,) = [e for e in logs if e["event"] == "http.retry"]
     assert retry["status"] == 429 and "api_key=***" in retry["url"]
     assert "secret-key-123456" not in repr(logs)
+
+
+async def test_a_widened_margin_narrows_again_after_a_calm_stretch() -> None:
+    lim = KeyLimiter(source="k", min_interval=0.05, margin=0.002)
+    lim.retry_delay(429, {}, {"error": "GENERAL RATE LIMIT EXCEEDED"})
+    lim.retry_delay(429, {}, {"error": "GENERAL RATE LIMIT EXCEEDED"})
+    assert lim.interval == pytest.approx(0.054)
+    for _ in range(999):
+        lim.sent()
+    assert lim.interval == pytest.approx(0.054)
+    for _ in range(1 + 1000 * 5):
+        lim.sent()
+    assert lim.interval == pytest.approx(0.052)  # back to the configured margin, no lower
