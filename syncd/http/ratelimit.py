@@ -104,11 +104,10 @@ class KeyLimiter:
         # the permitted rate; so one task at a time sleeps to just before its slot and
         # yields the last millisecond away, then passes the gate on time.
         async with self._pace_lock:
-            target = max(self._last_slot, self._last_sent) + self.interval
-            if (ahead := target - time.monotonic()) > _SPIN:
-                await asyncio.sleep(ahead - _SPIN)
-            while time.monotonic() < target:  # noqa: ASYNC110 - a sub-ms wait, no event to await
-                await asyncio.sleep(0)
+            # Re-read the target after every nap: the previous request may leave (and
+            # move it later) while we wait, e.g. when it had to open a connection.
+            while (ahead := self._next_slot() - time.monotonic()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(ahead - _SPIN if ahead > _SPIN else 0)
             await throttler.acquire()  # type: ignore[no-untyped-call]
             self._last_slot = time.monotonic()
 
@@ -134,6 +133,9 @@ class KeyLimiter:
             if self.tokens is not None:
                 self.tokens -= cost
             self._pending.append((cost, time.monotonic()))
+
+    def _next_slot(self) -> float:
+        return max(self._last_slot, self._last_sent) + self.interval
 
     def sent(self) -> None:
         """The HTTP client wrote a request: the next slot counts from here."""
