@@ -129,10 +129,11 @@ class Sandbox:
             "api_key": self.katapult.api_key,
             "retry_backoff": 0.001,
             "timeout": 5,
-            # This sandbox shares the client's event loop, so a busy loop (a mirror
-            # apply) can stamp an arrival a few ms late, which a remote server never
-            # sees; tests/bench/katapult_pacing.py measures the default 2 ms margin
-            # against a simulator in its own process.
+            # This sandbox shares the client's event loop: while the loop runs a
+            # synchronous stretch of a mirror apply (PostgreSQL: up to ~10 ms), a sent
+            # request waits to be stamped, which a remote server never sees. The margin
+            # covers that; tests/bench/katapult_pacing.py measures the default 2 ms
+            # margin against a simulator in its own process.
             "pacing_margin_ms": 5,
         }
         values.update(overrides)

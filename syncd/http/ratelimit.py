@@ -19,6 +19,7 @@ run), so the spacing it enforces is the key's, not a task's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -37,6 +38,7 @@ _POLL = 0.001  # asyncio-throttle re-checks this often when a slot is not yet fr
 _WIDEN = 0.001  # margin added after each 429 of the pacing rule ...
 _MAX_MARGIN = 0.010  # ... up to this much above the published interval,
 _NARROW_AFTER = 1000  # and narrowed by the same step after this many calm requests
+_LEAVE_TIMEOUT = 1.0  # a request that never left (connection failed) holds the next this long
 _SPIN = 0.001  # the last stretch before a slot is waited by yielding, not by a timer
 
 
@@ -76,6 +78,9 @@ class KeyLimiter:
         self._pace_lock = asyncio.Lock()
         self._last_slot = -math.inf
         self._last_sent = -math.inf
+        self._left = asyncio.Event()
+        self._left.set()
+        self._hooked = False
         self.tokens: int | None = None
         """Tokens we believe remain: the server's last count minus what we sent since."""
         self.capacity: int | None = None
@@ -104,12 +109,18 @@ class KeyLimiter:
         # the permitted rate; so one task at a time sleeps to just before its slot and
         # yields the last millisecond away, then passes the gate on time.
         async with self._pace_lock:
+            if self._hooked and not self._left.is_set():
+                # The previous request passed the gate but is not on the wire yet (a
+                # busy loop, a new connection): its departure sets our slot.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._left.wait(), _LEAVE_TIMEOUT)
             # Re-read the target after every nap: the previous request may leave (and
-            # move it later) while we wait, e.g. when it had to open a connection.
+            # move it later) while we wait.
             while (ahead := self._next_slot() - time.monotonic()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(ahead - _SPIN if ahead > _SPIN else 0)
             await throttler.acquire()  # type: ignore[no-untyped-call]
             self._last_slot = time.monotonic()
+            self._left.clear()
 
     async def _reserve(self, cost: int) -> None:
         # One task at a time decides and sleeps, so a refill wait is logged once and
@@ -140,6 +151,8 @@ class KeyLimiter:
     def sent(self) -> None:
         """The HTTP client wrote a request: the next slot counts from here."""
         self._last_sent = time.monotonic()
+        self._hooked = True  # the client reports departures: wait for them
+        self._left.set()
         self._calm += 1
         if self._calm >= _NARROW_AFTER and self.interval > self._base_interval:
             # A widened margin is narrowed again after a long calm stretch, so one
