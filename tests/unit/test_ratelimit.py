@@ -7,6 +7,8 @@ that slipped through into a wait for the refill — without real minutes passing
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -199,3 +201,21 @@ async def test_a_widened_margin_narrows_again_after_a_calm_stretch() -> None:
     for _ in range(1 + 1000 * 5):
         lim.sent()
     assert lim.interval == pytest.approx(0.052)  # back to the configured margin, no lower
+
+
+async def test_next_slot_counts_from_when_the_previous_request_left() -> None:
+    # Real monotonic time, 20 ms slots: the first request is allowed at once but only
+    # "leaves" 60 ms later (say, a busy loop); the second must keep 20 ms from that.
+    lim = KeyLimiter(source="k", min_interval=0.02, margin=0.0, token_bucket=False)
+    lim.sent()  # the client reports departures (HttpClient's trace hook)
+    await lim.acquire("GET")
+    departed: list[float] = []
+
+    def leave() -> None:
+        departed.append(time.monotonic())
+        lim.sent()
+
+    asyncio.get_running_loop().call_later(0.06, leave)
+    await lim.acquire("GET")
+    allowed = time.monotonic()
+    assert departed and allowed - departed[0] >= 0.02
