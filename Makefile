@@ -30,5 +30,9 @@ format: install
 	$(VENV)/bin/ruff format syncd tests migrations
 	$(VENV)/bin/ruff check --fix syncd tests migrations
 
+## Benchmarks (not part of `make test`): Katapult pacing against a simulator in its own process.
+bench: install
+	$(PY) -m tests.bench.katapult_pacing
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -23,9 +23,11 @@ from syncd.mirror import Database
 from syncd.mirror.models import cursors, features, runs
 from syncd.sandbox import caltopo as caltopo_sandbox
 from syncd.sandbox import kartorium as kartorium_sandbox
+from syncd.sandbox import katapult as katapult_sandbox
 from syncd.sandbox.server import Worlds, create_app
 from syncd.sources.caltopo import CalTopoSettings
 from syncd.sources.kartorium import KartoriumSettings
+from syncd.sources.katapult import KatapultSettings
 
 PG_URL = os.environ.get("SYNCD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -132,6 +134,28 @@ class Sandbox:
         }
         values.update(overrides)
         return KartoriumSettings.model_validate(values)
+
+    @property
+    def katapult(self) -> katapult_sandbox.KatapultWorld:
+        return self.worlds.katapult
+
+    def katapult_settings(self, name: str = "poles", **overrides: Any) -> KatapultSettings:
+        values: dict[str, Any] = {
+            "name": name,
+            "type": "katapult",
+            "base_url": f"{self.url}{katapult_sandbox.API}",
+            "api_key": self.katapult.api_key,
+            "retry_backoff": 0.001,
+            "timeout": 5,
+            # This sandbox shares the client's event loop: while the loop runs a
+            # synchronous stretch of a mirror apply (PostgreSQL: up to ~10 ms), a sent
+            # request waits to be stamped, which a remote server never sees. The margin
+            # covers that; tests/bench/katapult_pacing.py measures the default 2 ms
+            # margin against a simulator in its own process.
+            "pacing_margin_ms": 5,
+        }
+        values.update(overrides)
+        return KatapultSettings.model_validate(values)
 
 
 @pytest.fixture

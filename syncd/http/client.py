@@ -77,10 +77,13 @@ class HttpClient:
 
     async def __aenter__(self) -> HttpClient:
         if self._session is None:
+            trace = aiohttp.TraceConfig()
+            trace.on_request_headers_sent.append(self._headers_sent)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._concurrency),
                 headers={"User-Agent": f"syncd/{__version__}"},
                 raise_for_status=False,
+                trace_configs=[trace],
             )
         return self
 
@@ -91,6 +94,13 @@ class HttpClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _headers_sent(self, session: Any, context: Any, params: Any) -> None:
+        # Pacing limiters space requests by when they actually left, not by when they
+        # were allowed to leave (the loop may be busy in between). Optional hook.
+        sent = getattr(self.limiter, "sent", None)
+        if sent is not None:
+            sent()
 
     async def close(self) -> None:
         """Close the session if this client opened it."""

@@ -7,13 +7,12 @@ Each platform is mounted under its own prefix (CalTopo at /caltopo), so one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
 
-from syncd.sandbox import caltopo, kartorium
+from syncd.sandbox import caltopo, kartorium, katapult
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +23,7 @@ class Worlds:
 
     caltopo: caltopo.CalTopoWorld = field(default_factory=caltopo.CalTopoWorld)
     kartorium: kartorium.KartoriumWorld = field(default_factory=kartorium.KartoriumWorld)
+    katapult: katapult.KatapultWorld = field(default_factory=katapult.KatapultWorld)
 
 
 def demo_worlds(seed: int = 1) -> Worlds:
@@ -32,7 +32,9 @@ def demo_worlds(seed: int = 1) -> Worlds:
     caltopo.populate(world, maps=3, objects_per_map=25, seed=seed)
     twin = kartorium.KartoriumWorld()
     kartorium.populate(twin, projects=2, features_per_scene=9, seed=seed)
-    return Worlds(caltopo=world, kartorium=twin)
+    poles = katapult.KatapultWorld(seed=seed)
+    katapult.populate(poles, jobs=3, poles=8, seed=seed)
+    return Worlds(caltopo=world, kartorium=twin, katapult=poles)
 
 
 def create_app(worlds: Worlds) -> web.Application:
@@ -40,6 +42,7 @@ def create_app(worlds: Worlds) -> web.Application:
     app = web.Application()
     app.add_subapp(caltopo.PREFIX, caltopo.create_app(worlds.caltopo))
     app.add_subapp(kartorium.PREFIX, kartorium.create_app(worlds.kartorium))
+    app.add_subapp(katapult.PREFIX, katapult.create_app(worlds.katapult))
     return app
 
 
@@ -52,19 +55,22 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    mutator = (
-        asyncio.create_task(
-            caltopo.mutate_forever(worlds.caltopo, every=mutate_every, seed=seed, delete_every=4)
-        )
+    mutators = (
+        [
+            asyncio.create_task(
+                caltopo.mutate_forever(
+                    worlds.caltopo, every=mutate_every, seed=seed, delete_every=4
+                )
+            ),
+            asyncio.create_task(
+                kartorium.mutate_forever(worlds.kartorium, every=mutate_every, seed=seed)
+            ),
+            asyncio.create_task(
+                katapult.mutate_forever(worlds.katapult, every=mutate_every, seed=seed)
+            ),
+        ]
         if mutate_every > 0
-        else None
-    )
-    twin_mutator = (
-        asyncio.create_task(
-            kartorium.mutate_forever(worlds.kartorium, every=mutate_every, seed=seed)
-        )
-        if mutate_every > 0
-        else None
+        else []
     )
     log.info(
         "sandbox.started",
@@ -72,18 +78,14 @@ async def serve(
         team_id=worlds.caltopo.team_id,
         kartorium=f"http://{host}:{port}{kartorium.API}",
         maps=len(worlds.caltopo.map_ids()),
+        katapult=f"http://{host}:{port}{katapult.API}",
         mutate_every_s=mutate_every,
     )
     try:
         await asyncio.Event().wait()
     finally:
-        if mutator is not None:
-            mutator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await mutator
-        if twin_mutator is not None:
-            twin_mutator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await twin_mutator
+        for task in mutators:
+            task.cancel()
+        await asyncio.gather(*mutators, return_exceptions=True)
         await runner.cleanup()
         log.info("sandbox.stopped")

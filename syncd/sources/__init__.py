@@ -11,7 +11,7 @@ from pydantic import Field
 from syncd.http import Auth, HttpClient, RequestLimiter, Unlimited
 from syncd.records import Source
 from syncd.settings import SourceSettings
-from syncd.sources import caltopo, kartorium
+from syncd.sources import caltopo, kartorium, katapult
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,13 @@ SOURCE_TYPES: dict[str, SourceType] = {
     "kartorium": SourceType(
         kartorium.KartoriumSettings, kartorium.KartoriumSource, kartorium.auth_for
     ),
+    "katapult": SourceType(
+        katapult.KatapultSettings, katapult.KatapultSource, katapult.auth_for, katapult.limiter_for
+    ),
 }
 
 # The `[[sources]]` table, chosen by its `type` key.
 SourceConfig = Annotated[
-    caltopo.CalTopoSettings | kartorium.KartoriumSettings, Field(discriminator="type")
+    caltopo.CalTopoSettings | kartorium.KartoriumSettings | katapult.KatapultSettings,
+    Field(discriminator="type"),
 ]
