@@ -30,5 +30,9 @@ format: install
 	$(VENV)/bin/ruff format syncd tests migrations
 	$(VENV)/bin/ruff check --fix syncd tests migrations
 
+## Benchmark against the physical limits (issue 7); not part of `make test`. Results in tests/bench/results/.
+bench: install
+	$(PY) -m tests.bench.run
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -516,6 +516,15 @@ def populate(
             world.add_object(map_id, cls, geom, props)
 
 
+def populate_map(world: CalTopoWorld, map_id: str, objects: int, *, seed: int = 0) -> list[str]:
+    """Add `objects` random Markers and Shapes to one map (benchmark worlds of 100k objects).
+
+    Returns their ids in creation order, so a caller can edit a chosen share of them.
+    """
+    rng = random.Random(seed)
+    return [world.add_object(map_id, *_random_object(rng, None)) for _ in range(objects)]
+
+
 async def mutate_forever(world: CalTopoWorld, *, every: float = 5.0, seed: int = 0) -> None:
     """Keep changing the world at random (objects and occasionally maps), for the demo."""
     rng = random.Random(seed)
