@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import orjson
 import structlog
 
 from syncd import __version__
@@ -184,6 +185,13 @@ _INVALID: Any = object()
 
 
 def _decode(body: bytes) -> Any:
+    """The parsed body: orjson (a 100k-object map parses 3-4x faster, issue 7), or the
+    stdlib where orjson is stricter (NaN/Infinity literals, integers over 64 bits), so
+    what a response may contain is unchanged and such records are still skipped one by one."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):

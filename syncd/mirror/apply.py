@@ -150,10 +150,13 @@ async def _apply(
 
     change_rows: list[dict[str, Any]] = []
     if inserts:
-        ids = await conn.execute(
-            insert(features).returning(features.c.id, sort_by_parameter_order=True), inserts
-        )
-        change_rows += [_change(fid, source, "insert", 1, now) for (fid,) in ids]
+        # A plain executemany, then the new ids by index lookups: INSERT .. RETURNING in
+        # parameter order costs SQLAlchemy a statement per row on SQLite, 7x slower
+        # (tests/bench, issue 7).
+        await conn.execute(insert(features), inserts)
+        inserted = [(row["collection"], row["kind"], row["external_id"]) for row in inserts]
+        new_ids = await _load_stored(conn, source, inserted)
+        change_rows += [_change(new_ids[key].id, source, "insert", 1, now) for key in inserted]
         result.inserted = len(inserts)
     if updates:
         await conn.execute(_UPDATE_CONTENT, updates)

@@ -134,13 +134,15 @@ async def bench_caltopo(size: int, work: Path, profile_dir: Path | None) -> dict
         fig["loads_s"], parsed = floors.parse_seconds(body)
         rows = floors.feature_rows("bench", map_id, parsed["result"]["state"]["features"])
         fig["insert_floor_s"] = floors.insert_seconds(work / "floor.db", rows)
+        world.request_log.clear()
         fig["floor_s"] = fig["loads_s"] + fig["insert_floor_s"]
         del rows
 
         profile = (profile_dir / f"caltopo-{size}-initial.txt") if profile_dir else None
         fig["initial"] = await run_sync(db_url, settings, profile)
         fig["initial"]["change_rows"] = change_rows(db_path)
-        fig["nochange"] = await run_sync(db_url, settings)
+        profile = (profile_dir / f"caltopo-{size}-nochange.txt") if profile_dir else None
+        fig["nochange"] = await run_sync(db_url, settings, profile)
         fig["nochange"]["change_rows"] = change_rows(db_path) - fig["initial"]["change_rows"]
 
         rng = random.Random(size)
