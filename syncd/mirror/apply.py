@@ -27,7 +27,9 @@ from syncd.records import Key, Listing, Record, Snapshot
 
 log = structlog.get_logger(__name__)
 
-_CHUNK = 500  # ids per IN (...) clause; far below every backend's parameter limit
+# Ids per IN (...) clause: below SQLite's (32766) and PostgreSQL's (32767) parameter limits;
+# 500 made a 100k-object first sync spend 1.8 s in 400 lookups (tests/bench, issue 7).
+_CHUNK = 5000
 
 
 @dataclass(frozen=True)

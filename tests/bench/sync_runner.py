@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from syncd.cli import tune_gc
 from syncd.engine import Engine
 from syncd.logging import configure_logging
 from syncd.mirror import Database
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("settings_json")
     parser.add_argument("--profile")
     args = parser.parse_args()
+    tune_gc()  # as `syncd` does at start
     configure_logging("warning", "json", stream=sys.stderr)
     print(json.dumps(asyncio.run(_run(args.db_url, args.settings_json, args.profile))))
 
