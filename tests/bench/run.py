@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from syncd.cli import tune_gc
 from syncd.http import PreparedRequest
 from syncd.mirror import Database, Mirror
 from syncd.records import Listing, Snapshot
@@ -227,6 +228,7 @@ def machine() -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    tune_gc()  # as `syncd` does: the in-process write-path figure runs like the daemon
     sizes = [int(s) for s in args.sizes.split(",")]
     profile_dir = (args.out / "profiles") if args.profile else None
     if profile_dir:
