@@ -30,12 +30,15 @@ class Report:
     caltopo: list[dict[str, Any]]
     kartorium: dict[str, Any]
     total_s: float
+    katapult: dict[str, Any] | None = None
+    """{"requests", "seconds", "status_429"} of a multi-job Katapult sync, once it exists."""
 
     def raw(self) -> dict[str, Any]:
         return {
             "machine": self.machine,
             "caltopo": self.caltopo,
             "kartorium": self.kartorium,
+            "katapult": self.katapult,
             "total_s": self.total_s,
         }
 
@@ -132,6 +135,18 @@ class Report:
         return lines
 
     def _katapult(self) -> list[str]:
+        k = self.katapult
+        if k is not None:
+            rate = k["requests"] / k["seconds"]
+            efficiency = rate / 20
+            good = efficiency >= TARGETS["pacing"] and k["status_429"] == 0
+            return [
+                "## Katapult pacing",
+                "",
+                f"{k['requests']:,} requests in {k['seconds']:.1f} s: {rate:.1f} req/s of the "
+                f"20 req/s ceiling = {efficiency:.2f} (≥{TARGETS['pacing']}), "
+                f"{k['status_429']} responses 429 ({_ok(good)})",
+            ]
         return [
             "## Katapult pacing",
             "",
