@@ -30,8 +30,10 @@ format: install
 	$(VENV)/bin/ruff format syncd tests migrations
 	$(VENV)/bin/ruff check --fix syncd tests migrations
 
-## Benchmarks (not part of `make test`): Katapult pacing against a simulator in its own process.
+## Benchmarks against the physical limits (issue 7); not part of `make test`.
+## Results in tests/bench/results/; Katapult pacing runs its simulator in its own process.
 bench: install
+	$(PY) -m tests.bench.run
 	$(PY) -m tests.bench.katapult_pacing
 
 clean:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 PREFIX = "/caltopo"
@@ -96,19 +97,24 @@ class _Obj:
             del self.changes[: len(self.changes) - _HISTORY_CAP]
             self.changes[0].kind = "full"
 
-    def feature(self, with_geometry: bool = True) -> Json:
-        """The full GeoJSON feature (a deep copy, so callers cannot alias our state)."""
+    def feature(self, with_geometry: bool = True, *, fresh: bool = True) -> Json:
+        """The full GeoJSON feature: a deep copy unless ``fresh`` is False (the server
+        serializes it at once, and copying 100k objects would dominate a benchmark)."""
+        clone = copy.deepcopy if fresh else _same
         feat: Json = {"type": "Feature", "id": self.id}
         if with_geometry:
-            feat["geometry"] = copy.deepcopy(self.geometry)
-        feat["properties"] = copy.deepcopy(self.properties)
+            feat["geometry"] = clone(self.geometry)
+        feat["properties"] = clone(self.properties)
         return feat
 
     def delta(self, ts: int) -> Json | None:
-        """What the server sends for this object to a client whose cursor is ``ts``."""
-        recent = [c for c in self.changes if c.at > ts]
-        if not recent:
+        """What the server sends for this object to a client whose cursor is ``ts``.
+
+        The result may share state with the world: serialize it before the next change.
+        """
+        if self.changes[-1].at <= ts:
             return None
+        recent = [c for c in self.changes if c.at > ts]
         nop = {"class": self.cls, "nop": True, "updated": self.properties["updated"]}
         if len(recent) == 1 and recent[0].kind == "geometry":
             return {
@@ -124,7 +130,11 @@ class _Obj:
                 "incremental": True,
             }
             return {"type": "Feature", "id": self.id, "geometry": geom, "properties": nop}
-        return self.feature(with_geometry=not all(c.kind == "props" for c in recent))
+        return self.feature(with_geometry=not all(c.kind == "props" for c in recent), fresh=False)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class CalTopoWorld:
@@ -288,12 +298,19 @@ class CalTopoWorld:
         return self._maps[map_id]
 
     def _add(
-        self, map_id: str | None, cls: str, obj_id: str, geometry: Json | None, properties: Json
+        self,
+        map_id: str | None,
+        cls: str,
+        obj_id: str,
+        geometry: Json | None,
+        properties: Json,
+        *,
+        at: int | None = None,
     ) -> str:
         scope = self._scope(map_id)
         if (cls, obj_id) in scope:
             raise ValueError(f"{cls}/{obj_id} already exists")
-        at = self.now()
+        at = at or self.now()
         props = {"title": "", **copy.deepcopy(properties), "class": cls, "updated": at}
         scope[cls, obj_id] = _Obj(
             cls, obj_id, copy.deepcopy(geometry), props, [_Change(at, "create")]
@@ -441,7 +458,8 @@ def _answer(world: CalTopoWorld, request: web.Request, match: re.Match[str] | No
         result["state"] = {"type": "FeatureCollection", "features": features}
     if ids is not None:
         result["ids"] = ids
-    return web.json_response({"status": "ok", "timestamp": stamp, "result": result})
+    body = orjson.dumps({"status": "ok", "timestamp": stamp, "result": result})
+    return web.Response(body=body, content_type="application/json")
 
 
 # ---- demo data -----------------------------------------------------------------------
@@ -529,6 +547,22 @@ def populate(
         for _ in range(max(0, objects_per_map - 2)):
             cls, geom, props = _random_object(rng, folder)
             world.add_object(map_id, cls, geom, props)
+
+
+def populate_map(world: CalTopoWorld, map_id: str, objects: int, *, seed: int = 0) -> list[str]:
+    """Add `objects` random Markers and Shapes to one map at one server time (a bulk import).
+
+    One timestamp for all: stamping each object 1 ms apart would push the simulator's
+    strictly increasing clock minutes ahead of the wall clock for a 100k-object map.
+    Returns their ids in creation order, so a caller can edit a chosen share of them.
+    """
+    rng = random.Random(seed)
+    at = world.now()
+    ids = []
+    for _ in range(objects):
+        cls, geometry, properties = _random_object(rng, None)
+        ids.append(world._add(map_id, cls, world._uuid(), geometry, properties, at=at))
+    return ids
 
 
 async def mutate_forever(

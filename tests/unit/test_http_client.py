@@ -8,6 +8,7 @@ Upstreams are faked with aioresponses; sleeps are recorded, never slept.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -171,6 +172,28 @@ async def test_success_returns_decoded_json_and_counts_the_request(
     assert http.statuses == {200: 1}
     assert http.retries == 0
     assert sleep.delays == []
+
+
+@pytest.mark.parametrize(
+    ("body", "check"),
+    [
+        pytest.param('{"x": NaN}', lambda v: math.isnan(v["x"]), id="nan-literal"),
+        pytest.param('{"x": -Infinity}', lambda v: v["x"] == -math.inf, id="infinity-literal"),
+        pytest.param(
+            '{"x": 123456789012345678901234567890}',
+            lambda v: v["x"] == 123456789012345678901234567890,
+            id="big-int",
+        ),
+    ],
+)
+async def test_numbers_decode_exactly_as_sent(
+    upstream: Upstream, sleep: FakeSleep, body: str, check: Any
+) -> None:
+    """A faster parser (orjson) would refuse NaN bodies whole and round big integers to
+    floats; sources must see them as sent, to skip one bad record or mirror an id exactly."""
+    upstream.answer(body=body)
+    async with make_client(sleep) as http:
+        assert check(await http.get_json(URL))
 
 
 async def test_server_error_then_success_retries_once_with_one_retry_event(

@@ -6,15 +6,16 @@ one of them breaks, on either backend.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from structlog.testing import capture_logs
 
 from syncd.mirror import Database, DeleteGuard, Mirror
-from syncd.mirror.models import changes
+from syncd.mirror.models import UtcDateTime, changes
 from syncd.records import KEEP, Listing, Record, Snapshot
 from tests.conftest import mirror_rows, stored_cursors
 
@@ -381,3 +382,17 @@ async def test_cascade_weighs_the_parent_share_and_the_whole_source(db: Database
     everything = await mirror.apply(SRC, account_without("m2", "m3"))
     assert everything.held is not None and everything.held.would_delete == 42
     assert everything.deleted == 0
+
+
+def test_utc_datetime_binding_remembers_only_the_very_same_value() -> None:
+    """The bind converter caches its last answer by identity; other values convert anew."""
+    process = UtcDateTime().bind_processor(sqlite_dialect.dialect())
+    assert process is not None
+    first = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    later = datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC)
+    berlin = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    naive = datetime(2024, 5, 1, 12, 0)
+    out = [process(v) for v in (first, first, later, None, first, berlin)]
+    assert out == [naive, naive, naive + timedelta(seconds=1), None, naive, naive]
+    assert out[0] is out[1]
+    assert all(v is None or v.tzinfo is None for v in out)
