@@ -21,7 +21,8 @@ import structlog
 
 from syncd.errors import StorageError, SyncdError
 from syncd.http import HttpClient, RetryPolicy
-from syncd.mirror import ApplyResult, Database, DeleteGuard, Mirror
+from syncd.mirror import Database, DeleteGuard, Mirror
+from syncd.mirror.apply import ApplyResult, RowCounts
 from syncd.mirror.store import finish_run, load_cursors, start_run
 from syncd.records import ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
@@ -31,19 +32,13 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass
-class RunOutcome:
+class RunOutcome(RowCounts):
     """How one sync of one source ended."""
 
-    source: str
+    source: str = ""
     status: str = "running"
     run_id: int | None = None
-    inserted: int = 0
-    updated: int = 0
-    restored: int = 0
-    unchanged: int = 0
-    deleted: int = 0
     held: int = 0
-    skipped: int = 0
     requests: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     """HTTP answers by status code (0: no answer), from the run's HttpClient."""
@@ -55,24 +50,11 @@ class RunOutcome:
     failed_scopes: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def add(self, result: ApplyResult) -> None:
-        self.inserted += result.inserted
-        self.updated += result.updated
-        self.restored += result.restored
-        self.unchanged += result.unchanged
-        self.deleted += result.deleted
-        self.skipped += result.skipped
-
     def counts(self) -> dict[str, int]:
-        return {
-            "inserted": self.inserted,
-            "updated": self.updated,
-            "restored": self.restored,
-            "unchanged": self.unchanged,
-            "deleted": self.deleted,
-            "held": self.held,
-            "requests": self.requests,
-        }
+        """The counters of the canonical `sync.finished` / `sync.failed` line."""
+        counts = self.row_counts()
+        del counts["skipped"]
+        return {**counts, "held": self.held, "requests": self.requests}
 
 
 class Engine:
@@ -188,7 +170,7 @@ class Engine:
                         )
                         continue
                     outcome.add(result)
-                    log.debug("scope.applied", scope=item.scope, **_result_counts(result))
+                    log.debug("scope.applied", scope=item.scope, **result.row_counts())
         finally:
             outcome.requests = http.requests
             outcome.statuses = Counter(http.statuses)
@@ -300,13 +282,3 @@ def _describe(error: Exception) -> str:
     if isinstance(error, SyncdError):
         return error.message
     return f"{type(error).__name__}: {error}"
-
-
-def _result_counts(result: ApplyResult) -> dict[str, int]:
-    return {
-        "inserted": result.inserted,
-        "updated": result.updated,
-        "restored": result.restored,
-        "unchanged": result.unchanged,
-        "deleted": result.deleted,
-    }

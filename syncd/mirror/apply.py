@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,16 +64,32 @@ class HeldDeletion:
 
 
 @dataclass
-class ApplyResult:
-    """What one applied snapshot changed."""
+class RowCounts:
+    """What happened to the rows of one snapshot, or of a whole run."""
 
-    scope: str
     inserted: int = 0
     updated: int = 0
     restored: int = 0
     unchanged: int = 0
     deleted: int = 0
     skipped: int = 0
+
+    def add(self, other: RowCounts) -> None:
+        for name in _COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def row_counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _COUNT_FIELDS}
+
+
+_COUNT_FIELDS = tuple(f.name for f in fields(RowCounts))
+
+
+@dataclass
+class ApplyResult(RowCounts):
+    """What one applied snapshot changed."""
+
+    scope: str = ""
     held: HeldDeletion | None = None
 
 

@@ -34,10 +34,11 @@ from urllib.parse import quote
 import structlog
 from pydantic import Field, SecretStr, field_validator
 
-from syncd.errors import AuthError, NotFoundError, ProtocolError, SourceError
+from syncd.errors import AuthError, NotFoundError, ProtocolError
 from syncd.http import HttpClient, KeyLimiter, QueryKeyAuth
 from syncd.records import JSON, Key, Listing, Record, ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
+from syncd.sources.fanout import fan_out
 from syncd.sources.katapult_records import (
     connection_records,
     iso_time,
@@ -202,34 +203,22 @@ class KatapultSource:
             j for j in known - set(listed) if j in wanted or self.settings.jobs is None
         )
         jobs = sorted(wanted & set(listed))
-        queue: asyncio.Queue[Snapshot | ScopeFailed | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.settings.concurrency)
 
-        async def run(job_id: str, present: bool) -> None:
-            scope = f"job:{job_id}"
-            cursor = None if full else JobCursor.load(cursors.get(scope))
-            item: Snapshot | ScopeFailed | None
-            async with slots:
-                try:
-                    if present:
-                        item = await self._job(job_id, listed[job_id], cursor)
-                    else:
-                        item = await self._missing(job_id, cursor)
-                except (SourceError, ValueError, TypeError) as err:
-                    item = ScopeFailed(scope, err)
-            await queue.put(item)
+        async def fetch(work: tuple[str, bool]) -> Snapshot | None:
+            job_id, present = work
+            cursor = None if full else JobCursor.load(cursors.get(f"job:{job_id}"))
+            if present:
+                return await self._job(job_id, listed[job_id], cursor)
+            return await self._missing(job_id, cursor)
 
-        tasks = [asyncio.create_task(run(j, True)) for j in jobs]
-        tasks += [asyncio.create_task(run(j, False)) for j in missing]
-        try:
-            for _ in tasks:
-                item = await queue.get()
-                if item is not None:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        work = [(j, True) for j in jobs] + [(j, False) for j in missing]
+        async for item in fan_out(
+            work,
+            fetch,
+            scope_of=lambda w: f"job:{w[0]}",
+            concurrency=self.settings.concurrency,
+        ):
+            yield item
 
     # ---- planning --------------------------------------------------------------------
 
