@@ -250,9 +250,11 @@ def _timestamp(result: JSON) -> str:
 
 
 def _list(container: JSON, key: str) -> list[Any]:
-    value = container.get(key, [])
+    # "No change" is an empty list (FACTS.md); a missing one is a broken answer, and
+    # taking it for "no change" would advance the cursor past changes never received.
+    value = container.get(key)
     if not isinstance(value, list):
-        raise ProtocolError(f"response field {key!r} is not a list")
+        raise ProtocolError(f"response field {key!r} is missing or not a list")
     return value
 
 
@@ -266,8 +268,11 @@ def _live_keys(
     """
     ids = result.get("ids")
     if ids is not None:
-        if not isinstance(ids, dict) or not all(isinstance(v, list) for v in ids.values()):
-            raise ProtocolError("response field 'ids' is not a map of class to id list")
+        # Ids are strings; `[1, 2]` would match no stored row and prove everything gone.
+        if not isinstance(ids, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, str) and i for i in v) for v in ids.values()
+        ):
+            raise ProtocolError("response field 'ids' is not a map of class to id strings")
         return frozenset(
             (collection, str(kind), str(external_id))
             for kind, values in ids.items()
