@@ -34,6 +34,7 @@ class Platform:
     add_fault: Callable[[Worlds, Fault], None]
     routes: tuple[str, ...]  # path fragments a fault may target: listing, then per scope
     revoke: Callable[[Worlds], None]
+    one_scope: Callable[[Worlds], str]  # a path fragment that only one scope's requests hold
 
 
 # ---- CalTopo ---------------------------------------------------------------------------
@@ -167,6 +168,7 @@ CALTOPO = Platform(
     add_fault=lambda w, f: w.caltopo.add_fault(f),
     routes=("/acct/", "/map/"),
     revoke=lambda w: w.caltopo.revoke(),
+    one_scope=lambda w: f"/map/{w.caltopo.map_ids()[0]}/",
 )
 
 KARTORIUM = Platform(
@@ -179,6 +181,7 @@ KARTORIUM = Platform(
     add_fault=lambda w, f: w.kartorium.add_fault(f),
     routes=("/client/projects", "/features"),
     revoke=_kartorium_revoke,
+    one_scope=lambda w: f"/projects/{min(w.kartorium.projects)}/scenes",
 )
 
 PLATFORMS = (CALTOPO, KARTORIUM)
