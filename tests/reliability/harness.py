@@ -45,10 +45,11 @@ def write_config(
     url: str,
     platforms: tuple[Platform, ...],
     *,
-    secret: str | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> Path:
-    """A config with one source per platform on the given SQLite file."""
-    blocks = "".join(p.source_toml(worlds, url, secret) for p in platforms)
+    """A config with one source per platform on the given SQLite file; `secrets` replaces
+    a platform's credential (by source name) with one the sandbox will refuse."""
+    blocks = "".join(p.source_toml(worlds, url, (secrets or {}).get(p.name)) for p in platforms)
     path.write_text(
         f'[database]\nurl = "sqlite+aiosqlite:///{db_file}"\nbusy_timeout = 30\n\n'
         f'[logging]\nlevel = "debug"\nformat = "json"\n{blocks}'

@@ -141,13 +141,13 @@ def _kartorium_geometry(world: kartorium_sandbox.KartoriumWorld, fid: int) -> An
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def _kartorium_toml(_worlds: Worlds, url: str, secret: str | None) -> str:
+def _kartorium_toml(worlds: Worlds, url: str, secret: str | None) -> str:
     return f"""
 [[sources]]
 name = "twin"
 type = "kartorium"
 base_url = "{url}{kartorium_sandbox.API}"
-api_key = "{secret or kartorium_sandbox.DEMO_KEY}"
+api_key = "{secret or next(iter(worlds.kartorium.keys))}"
 retry_backoff = "1ms"
 max_retries = 2
 timeout = 2
@@ -177,7 +177,7 @@ KARTORIUM = Platform(
     mutate=_kartorium_mutate,
     expected=_kartorium_expected,
     source_toml=_kartorium_toml,
-    secret=lambda w: kartorium_sandbox.DEMO_KEY,
+    secret=lambda w: next(iter(w.kartorium.keys)),
     add_fault=lambda w, f: w.kartorium.add_fault(f),
     routes=("/client/projects", "/features"),
     revoke=_kartorium_revoke,
