@@ -111,7 +111,14 @@ class ProjectState:
 
 
 def row_digest(row: JSON) -> str:
-    return hashlib.blake2b(canonical_json(row).encode(), digest_size=8).hexdigest()
+    """A short, deterministic digest of a listed row (for the property cache).
+
+    NaN/Infinity are allowed here: the digest only has to be stable, and refusing
+    them failed the whole project for one bad feature (issue 6); the feature itself
+    is still skipped as unrepresentable when its record is built.
+    """
+    text = json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
