@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-reliability lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ run: install
 ## Lint, type-check, then every test (PostgreSQL tests skip unless its server is reachable).
 test: install lint
 	$(PY) -m pytest
+
+## The full reliability sets (every kill point, every fault, long hypothesis runs); counts
+## land in build/reliability.json for the README's Reliability table.
+test-reliability: install
+	rm -f build/reliability.json
+	SYNCD_RELIABILITY_REPORT=build/reliability.json \
+		$(PY) -m pytest -m "reliability or not reliability" tests/reliability
+	@cat build/reliability.json
 
 lint: install
 	$(VENV)/bin/ruff check syncd tests migrations

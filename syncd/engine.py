@@ -23,6 +23,7 @@ from syncd.errors import StorageError, SyncdError
 from syncd.http import HttpClient, RetryPolicy
 from syncd.mirror import Database, DeleteGuard, Mirror
 from syncd.mirror.apply import ApplyResult, RowCounts
+from syncd.mirror.lock import source_lock
 from syncd.mirror.store import finish_run, load_cursors, start_run
 from syncd.records import ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
@@ -78,7 +79,17 @@ class Engine:
     async def sync(
         self, settings: SourceSettings, *, full: bool = False, allow_mass_delete: bool = False
     ) -> RunOutcome:
-        """One pass over every scope of the source; never raises for a source's failure."""
+        """One pass over every scope of the source; never raises for a source's failure.
+
+        Passes of one source never overlap on a SQLite file: a second process waits
+        (syncd.mirror.lock), so nothing is fetched or applied twice.
+        """
+        async with source_lock(self.db, settings.name):
+            return await self._sync(settings, full=full, allow_mass_delete=allow_mass_delete)
+
+    async def _sync(
+        self, settings: SourceSettings, *, full: bool, allow_mass_delete: bool
+    ) -> RunOutcome:
         outcome = RunOutcome(source=settings.name)
         started = time.monotonic()
         structlog.contextvars.bind_contextvars(source=settings.name)

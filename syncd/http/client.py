@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import aiohttp
 import structlog
 
-from syncd import __version__
+from syncd import __version__, faults
 from syncd.errors import (
     AuthError,
     NotFoundError,
@@ -147,6 +147,7 @@ class HttpClient:
         if await self.limiter.acquire(method) > 0:
             self.ratelimit_waits += 1
         self.requests += 1
+        faults.on_request()  # a test hook; inert unless armed
         try:
             async with self._session.request(
                 method,

@@ -133,6 +133,17 @@ async def _apply(
 ) -> ApplyResult:
     result = ApplyResult(scope=snapshot.scope)
     records = _by_key(snapshot.records)
+    for key in [k for k in records if not _storable(k)]:
+        del records[key]
+        result.skipped += 1
+        log.warning(
+            "record.skipped",
+            source=source,
+            scope=snapshot.scope,
+            kind=key[1],
+            id=key[2],
+            reason="its identity has a NUL character, which SQL text cannot hold",
+        )
     stored = await _load_stored(conn, source, records.keys())
     partial_ids = [
         stored[k].id for k, chain in records.items() if k in stored and chain[0].is_partial
@@ -211,6 +222,12 @@ async def _apply(
         await conn.execute(insert(changes), change_rows)
     await _store_cursors(conn, source, snapshot, now)
     return result
+
+
+def _storable(key: Key) -> bool:
+    """False for identities with a NUL: PostgreSQL text refuses it even as a query
+    parameter (issue 6: one such id failed its whole source on PostgreSQL)."""
+    return not any("\x00" in part for part in key)
 
 
 def _by_key(records: Sequence[Record]) -> dict[Key, list[Record]]:
@@ -297,7 +314,7 @@ async def _tombstones(
                 doomed[fid] = version
                 if not listing.cascade:
                     primary.add(fid)
-    explicit = [k for k in snapshot.deleted if k not in present]
+    explicit = [k for k in snapshot.deleted if k not in present and _storable(k)]
     if explicit:
         for row in (await _load_stored(conn, source, explicit)).values():
             if not row.deleted:

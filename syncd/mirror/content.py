@@ -83,6 +83,10 @@ def merge(base: Content | None, record: Record) -> Content:
         geometry = append_track_points(stored_geometry, record.geometry)
     else:
         geometry = record.geometry
+    if isinstance(name, str) and "\x00" in name:
+        # PostgreSQL text cannot hold NUL (issue 6: one such name failed the whole
+        # source); U+FFFD on every backend keeps SQLite and PostgreSQL mirrors equal.
+        name = name.replace("\x00", "\ufffd")
     remote = record.remote_updated_at or (base.remote_updated_at if base else None)
     return Content(name=name, geometry=geometry, properties=properties, remote_updated_at=remote)
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from syncd import faults
 from syncd.errors import ConfigError, StorageError
 from syncd.redact import redact_text
 
@@ -57,6 +58,7 @@ class Database:
             self.engine = _sqlite_engine(self.url, busy_timeout)
         else:
             self.engine = create_async_engine(self.url, pool_pre_ping=True)
+        faults.install(self.engine.sync_engine)  # a test hook; inert unless armed
 
     @property
     def display_url(self) -> str:

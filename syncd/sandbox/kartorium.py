@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from syncd.sandbox import faulty
 from syncd.sandbox.caltopo import Fault, LoggedRequest
 
 PREFIX = "/kartorium"
@@ -185,8 +186,14 @@ def create_app(world: KartoriumWorld) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         status = 0
         try:
-            resp = _fault(world, request) or _answer(world, request)
-            status = resp.status
+            fault = faulty.pick(world.faults, request.path)
+            resp = await faulty.respond(fault, request, _fault_error) if fault else None
+            if resp is None:
+                resp = _answer(world, request)
+                if fault is not None and fault.kind == "drip":
+                    resp = await faulty.drip(request, resp, fault.delay)
+            transport = request.transport
+            status = 0 if transport is None or transport.is_closing() else resp.status
             return resp
         finally:
             world.request_log.append(
@@ -198,15 +205,8 @@ def create_app(world: KartoriumWorld) -> web.Application:
     return app
 
 
-def _fault(world: KartoriumWorld, request: web.Request) -> web.Response | None:
-    fault = next((f for f in world.faults if f.match in request.path and f.times != 0), None)
-    if fault is None:
-        return None
-    if fault.times > 0:
-        fault.times -= 1
-    resp = _error(fault.status, "simulated_fault", "simulated fault")
-    resp.headers.update(fault.headers)
-    return resp
+def _fault_error(fault: Fault) -> web.Response:
+    return _error(fault.status, "simulated_fault", "simulated fault")
 
 
 def _answer(world: KartoriumWorld, request: web.Request) -> web.Response:  # noqa: PLR0911

@@ -288,10 +288,11 @@ def _timestamp(result: JSON) -> str:
 
 
 def _list(container: JSON, key: str) -> list[Any]:
+    # "No change" is an empty list (FACTS.md); a missing one is a broken answer: taking
+    # it for "no change" would advance the cursor past changes never received, and for
+    # "empty" would make a since/0 answer prove that every object is gone.
     value = container.get(key)
     if not isinstance(value, list):
-        # Absent is not "empty": treating it so would make a since/0 answer prove
-        # that every object is gone.
         raise ProtocolError(f"response field {key!r} is missing or not a list")
     return value
 
@@ -307,8 +308,11 @@ def _live_keys(
     """
     ids = result.get("ids")
     if ids is not None:
-        if not isinstance(ids, dict) or not all(isinstance(v, list) for v in ids.values()):
-            raise ProtocolError("response field 'ids' is not a map of class to id list")
+        # Ids are strings; `[1, 2]` would match no stored row and prove everything gone.
+        if not isinstance(ids, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, str) and i for i in v) for v in ids.values()
+        ):
+            raise ProtocolError("response field 'ids' is not a map of class to id strings")
         return frozenset(
             (collection, str(kind), str(external_id))
             for kind, values in ids.items()

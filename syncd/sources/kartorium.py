@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import structlog
 from pydantic import Field, PositiveInt, SecretStr, field_validator
 
-from syncd.errors import AuthError, NotFoundError, RecordError
+from syncd.errors import AuthError, NotFoundError, ProtocolError, RecordError
 from syncd.http import BearerAuth, HttpClient
 from syncd.mirror.content import canonical_json
 from syncd.records import JSON, Listing, Record, ScopeFailed, Snapshot
@@ -36,6 +36,7 @@ from syncd.sources.kartorium_api import explain_auth, unwrap_list
 from syncd.sources.kartorium_geometry import COORDINATE_KEY, InvalidGeometry, feature_geometry
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 PROJECTS_SCOPE = "projects"
 PROJECT_PREFIX = "project:"
@@ -111,7 +112,14 @@ class ProjectState:
 
 
 def row_digest(row: JSON) -> str:
-    return hashlib.blake2b(canonical_json(row).encode(), digest_size=8).hexdigest()
+    """A short, deterministic digest of a listed row (for the property cache).
+
+    NaN/Infinity are allowed here: the digest only has to be stable, and refusing
+    them failed the whole project for one bad feature (issue 6); the feature itself
+    is still skipped as unrepresentable when its record is built.
+    """
+    text = json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
@@ -157,11 +165,7 @@ class KartoriumSource:
         only = {str(p) for p in self.settings.projects} if self.settings.projects else None
         records: list[Record] = []
         for row in listed:
-            try:
-                record = _project_record(row)
-            except RecordError as err:
-                log.warning("record.skipped", source=self.name, kind="project", reason=err.message)
-                continue
+            record = _identified(_project_record, row)
             if only is None or record.external_id in only:
                 records.append(record)
         ids = {r.external_id for r in records}
@@ -265,34 +269,13 @@ class KartoriumSource:
     def _feature_rows(self, listed: list[Any], project: str) -> dict[str, JSON]:
         rows: dict[str, JSON] = {}
         for row in listed:
-            try:
-                if not isinstance(row, dict):
-                    raise RecordError("feature is not an object")
-                rows[_id(row, "feature")] = row
-            except RecordError as err:
-                log.warning(
-                    "record.skipped",
-                    source=self.name,
-                    collection=project,
-                    kind="feature",
-                    reason=err.message,
-                )
+            if not isinstance(row, dict):
+                raise ProtocolError(f"project {project}: a feature row is not an object")
+            rows[_identified(lambda r: _id(r, "feature"), row)] = row
         return rows
 
     def _scenes(self, rows: list[Any], project: str) -> list[Record]:
-        records: list[Record] = []
-        for row in rows:
-            try:
-                records.append(_scene_record(row, project))
-            except RecordError as err:
-                log.warning(
-                    "record.skipped",
-                    source=self.name,
-                    collection=project,
-                    kind="scene",
-                    reason=err.message,
-                )
-        return records
+        return [_identified(lambda r: _scene_record(r, project), row) for row in rows]
 
     async def _all_properties(self, features: list[str]) -> list[list[Any] | None]:
         """Every feature's properties; on the first failure the rest are cancelled."""
@@ -364,6 +347,19 @@ class KartoriumSource:
         async with self._slots:
             body = await self.http.get_json(f"{self.settings.base_url}{path}")
         return unwrap_list(body, path)
+
+
+def _identified(read: Callable[[Any], _T], row: Any) -> _T:
+    """`read(row)`, where a row whose identity cannot be read fails the whole listing.
+
+    Why: skipping it would let the listing count as complete while one of the rows it
+    was meant to prove live is unreadable, and tombstone that row (issue 6 found
+    `[{"id": {...}}]` or `[1, "two"]` tombstoning every scene of a project).
+    """
+    try:
+        return read(row)
+    except RecordError as err:
+        raise ProtocolError(f"listing has an unreadable row: {err.message}") from None
 
 
 def _id(row: JSON, what: str) -> str:

@@ -1,0 +1,187 @@
+"""One descriptor per platform for the reliability suites: build a world, change it, say
+what the mirror must hold, and the `[[sources]]` block that syncs it.
+
+Why: every reliability test (crash points, faults, secrets, concurrency) runs the same
+way over every platform; adding Katapult is one more `Platform` in `PLATFORMS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.sandbox import caltopo as caltopo_sandbox
+from syncd.sandbox import kartorium as kartorium_sandbox
+from syncd.sandbox.caltopo import Fault
+from syncd.sandbox.server import Worlds
+
+# (collection, kind, external_id) -> (name, geometry) of every live object upstream
+Expected = dict[tuple[str, str, str], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """How the reliability suites drive one platform through the sandbox."""
+
+    name: str  # the source name in the generated config, also the test id
+    build: Callable[[Worlds], None]  # the first state, synced cleanly before a test starts
+    mutate: Callable[[Worlds], None]  # adds, edits, moves and deletions on top of it
+    expected: Callable[[Worlds], Expected]
+    source_toml: Callable[[Worlds, str, str | None], str]  # (worlds, sandbox url, secret)
+    secret: Callable[[Worlds], str]  # the credential the sandbox accepts
+    add_fault: Callable[[Worlds, Fault], None]
+    routes: tuple[str, ...]  # path fragments a fault may target: listing, then per scope
+    revoke: Callable[[Worlds], None]
+    one_scope: Callable[[Worlds], str]  # a path fragment that only one scope's requests hold
+
+
+# ---- CalTopo ---------------------------------------------------------------------------
+
+
+def _caltopo_build(worlds: Worlds) -> None:
+    caltopo_sandbox.populate(worlds.caltopo, maps=3, objects_per_map=8, seed=11)
+
+
+def _caltopo_mutate(worlds: Worlds) -> None:
+    world = worlds.caltopo
+    first, second, third = world.map_ids()
+    objects = sorted(world.live_objects(first))
+    marker = next(k for k in objects if k[0] == "Marker")
+    world.edit_object(first, *marker, {"title": "Renamed clue", "marker-color": "#123456"})
+    track = next(k for k in objects if k[0] == "AppTrack")
+    world.append_track_points(first, *track, [[-120.1, 39.1, 0, world.now()]])
+    shapes = sorted(k for k in world.live_objects(second) if k[0] in ("Marker", "Shape"))
+    world.move_object(second, *shapes[0], {"type": "Point", "coordinates": [-119.5, 38.5]})
+    world.delete_object(second, *shapes[1])
+    world.add_object(
+        third, "Marker", {"type": "Point", "coordinates": [-121.0, 40.0]}, {"title": "New"}
+    )
+    world.rename_map(third, "Renamed incident")
+    extra = world.add_map("Created later")
+    world.add_object(extra, "Marker", {"type": "Point", "coordinates": [1.5, 2.5]}, {"title": "x"})
+
+
+def _caltopo_expected(worlds: Worlds) -> Expected:
+    world = worlds.caltopo
+    out: Expected = {}
+    for map_id in world.map_ids():
+        for (cls, obj_id), feature in world.live_objects(map_id).items():
+            out[map_id, cls, obj_id] = (feature["properties"].get("title"), feature["geometry"])
+    for (cls, obj_id), obj in world._account.items():
+        out[f"acct:{world.team_id}", cls, obj_id] = (obj.properties.get("title"), None)
+    return out
+
+
+def _caltopo_toml(worlds: Worlds, url: str, secret: str | None) -> str:
+    world = worlds.caltopo
+    return f"""
+[[sources]]
+name = "sar"
+type = "caltopo"
+base_url = "{url}{caltopo_sandbox.PREFIX}"
+team_id = "{world.team_id}"
+credential_id = "{world.credential_id}"
+credential_secret = "{secret or world.credential_secret}"
+retry_backoff = "1ms"
+max_retries = 2
+timeout = 2
+"""
+
+
+# ---- Kartorium -------------------------------------------------------------------------
+
+
+def _kartorium_build(worlds: Worlds) -> None:
+    kartorium_sandbox.populate(worlds.kartorium, projects=2, features_per_scene=6, seed=5)
+
+
+def _kartorium_mutate(worlds: Worlds) -> None:
+    world = worlds.kartorium
+    features = sorted(world.features)
+    world.edit_feature(features[0], name="Renamed point")
+    world.set_property(features[1], "coordinateString", json.dumps([[1.0, 2.0], [3.0, 4.0]]))
+    world.delete_feature(features[2])
+    scene = world.features[features[3]]["sceneID"]
+    world.add_feature(scene, "marker", "Added later", position=(-105.0, 40.0, 1.0))
+    pid = world.add_project("Created later")
+    sid = world.add_scene(pid, "Later map", "Map")
+    world.add_feature(sid, "marker", "Late marker", position=(5.0, 6.0, 0.0))
+
+
+def _kartorium_expected(worlds: Worlds) -> Expected:
+    world = worlds.kartorium
+    out: Expected = {}
+    for pid, row in world.projects.items():
+        out[str(pid), "project", str(pid)] = (row["title"], None)
+    for sid, row in world.scenes.items():
+        out[str(row["projectID"]), "scene", str(sid)] = (row["name"], None)
+    for fid, row in world.features.items():
+        out[str(row["projectID"]), "feature", str(fid)] = (
+            row["name"],
+            _kartorium_geometry(world, fid),
+        )
+    return out
+
+
+def _kartorium_geometry(world: kartorium_sandbox.KartoriumWorld, fid: int) -> Any:
+    row = world.features[fid]
+    if row["type"] == "marker":
+        return {"type": "Point", "coordinates": list(row["position"])}
+    text = next(
+        p["value"]
+        for p in world.properties.values()
+        if p["featureID"] == fid and p["key"] == "coordinateString"
+    )
+    points = json.loads(text)
+    if row["type"] == "line":
+        return {"type": "LineString", "coordinates": points}
+    ring = points if points[0] == points[-1] else [*points, points[0]]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def _kartorium_toml(worlds: Worlds, url: str, secret: str | None) -> str:
+    return f"""
+[[sources]]
+name = "twin"
+type = "kartorium"
+base_url = "{url}{kartorium_sandbox.API}"
+api_key = "{secret or next(iter(worlds.kartorium.keys))}"
+retry_backoff = "1ms"
+max_retries = 2
+timeout = 2
+"""
+
+
+def _kartorium_revoke(worlds: Worlds) -> None:
+    worlds.kartorium.keys.clear()
+
+
+CALTOPO = Platform(
+    name="sar",
+    build=_caltopo_build,
+    mutate=_caltopo_mutate,
+    expected=_caltopo_expected,
+    source_toml=_caltopo_toml,
+    secret=lambda w: w.caltopo.credential_secret,
+    add_fault=lambda w, f: w.caltopo.add_fault(f),
+    routes=("/acct/", "/map/"),
+    revoke=lambda w: w.caltopo.revoke(),
+    one_scope=lambda w: f"/map/{w.caltopo.map_ids()[0]}/",
+)
+
+KARTORIUM = Platform(
+    name="twin",
+    build=_kartorium_build,
+    mutate=_kartorium_mutate,
+    expected=_kartorium_expected,
+    source_toml=_kartorium_toml,
+    secret=lambda w: next(iter(w.kartorium.keys)),
+    add_fault=lambda w, f: w.kartorium.add_fault(f),
+    routes=("/client/projects", "/features"),
+    revoke=_kartorium_revoke,
+    one_scope=lambda w: f"/projects/{min(w.kartorium.projects)}/scenes",
+)
+
+PLATFORMS = (CALTOPO, KARTORIUM)
