@@ -31,7 +31,7 @@ from syncd.errors import (
 )
 from syncd.http import HttpClient, PreparedRequest
 from syncd.records import JSON, KEEP, Key, Listing, Record, ScopeFailed, Snapshot
-from syncd.settings import SourceSettings
+from syncd.settings import BaseUrl, SourceSettings
 from syncd.sources.fanout import fan_out
 from syncd.units import Duration
 
@@ -48,7 +48,7 @@ class CalTopoSettings(SourceSettings):
     file_secrets: ClassVar[frozenset[str]] = frozenset({"credential_secret"})
 
     type: Literal["caltopo"]
-    base_url: str = "https://caltopo.com"
+    base_url: BaseUrl = "https://caltopo.com"
     team_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9]+$")
     credential_id: str = Field(min_length=1)
     credential_secret: SecretStr
@@ -65,13 +65,6 @@ class CalTopoSettings(SourceSettings):
         except (binascii.Error, ValueError):
             raise ValueError("must be the base64 secret CalTopo issued") from None
         return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
 
 def sign(method: str, path: str, expires: int, payload: str, credential_secret: str) -> str:

@@ -30,7 +30,7 @@ from syncd.errors import AuthError, NotFoundError, ProtocolError, RecordError
 from syncd.http import BearerAuth, HttpClient
 from syncd.mirror.content import canonical_json
 from syncd.records import JSON, Listing, Record, ScopeFailed, Snapshot
-from syncd.settings import SourceSettings
+from syncd.settings import BaseUrl, SourceSettings
 from syncd.sources.fanout import fan_out
 from syncd.sources.kartorium_api import explain_auth, unwrap_list
 from syncd.sources.kartorium_geometry import COORDINATE_KEY, InvalidGeometry, feature_geometry
@@ -49,22 +49,13 @@ class KartoriumSettings(SourceSettings):
     file_secrets: ClassVar[frozenset[str]] = frozenset({"api_key"})
 
     type: Literal["kartorium"]
-    base_url: str = "https://kartorium.app/api/v1"
+    base_url: BaseUrl = "https://kartorium.app/api/v1"
     api_key: SecretStr
     """Sent only as `Authorization: Bearer ...`; never in a URL."""
     projects: list[PositiveInt] | None = None
     """Only these project ids (default: every project the key can see)."""
     properties_recheck_every: int = Field(default=1, ge=1, le=1000)
     """Re-read properties of features whose listed row is unchanged once every N passes."""
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        if "?" in value or "#" in value:
-            raise ValueError("must not carry a query string (the key goes in a header)")
-        return value.rstrip("/")
 
     @field_validator("api_key")
     @classmethod

@@ -32,12 +32,12 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote
 
 import structlog
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from syncd.errors import AuthError, NotFoundError, ProtocolError
 from syncd.http import HttpClient, KeyLimiter, QueryKeyAuth
 from syncd.records import JSON, Key, Listing, Record, ScopeFailed, Snapshot
-from syncd.settings import SourceSettings
+from syncd.settings import BaseUrl, SourceSettings
 from syncd.sources.fanout import fan_out
 from syncd.sources.katapult_records import (
     connection_records,
@@ -59,7 +59,7 @@ class KatapultSettings(SourceSettings):
     file_secrets: ClassVar[frozenset[str]] = frozenset({"api_key"})
 
     type: Literal["katapult"]
-    base_url: str = "https://katapultpro.com/api/v3"
+    base_url: BaseUrl = "https://katapultpro.com/api/v3"
     api_key: Annotated[SecretStr, Field(min_length=1)]
     include_archived: bool = False
     metadata_filter: str | dict[str, str] | None = None
@@ -74,13 +74,6 @@ class KatapultSettings(SourceSettings):
     """Katapult refills a key's bucket 60 s after `last_refill_time`; lower only for tests."""
     pacing_margin_ms: Annotated[float, Field(ge=0)] = 2.0
     """Added to `min_interval_ms` so network jitter never lands two requests too close."""
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
     def metadata_filter_param(self) -> str | None:
         """The filter as Katapult's `{attribute}:{value},...` text."""

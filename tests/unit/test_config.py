@@ -533,3 +533,21 @@ def test_error_for_a_bad_secret_never_contains_its_value(raw: dict[str, Any]) ->
     assert "LEAKME" not in message
     assert "907123456789" not in message
     assert "credential_secret" in message or "database.url" in message
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"type": "caltopo", "team_id": "T1", "credential_id": "c", "credential_secret": "eHg="},
+        {"type": "kartorium", "api_key": "karta_live_x"},
+        {"type": "katapult", "api_key": "k"},
+    ],
+    ids=lambda t: t["type"],
+)
+def test_every_source_type_refuses_a_base_url_with_a_query(table: dict[str, str]) -> None:
+    raw = {"sources": [{"name": "s", "base_url": "https://example.test/api?api_key=x", **table}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, file=Path("syncd.toml"), environ={})
+    assert str(err.value) == (
+        "syncd.toml: sources[0].base_url: must not carry a query string or fragment"
+    )
