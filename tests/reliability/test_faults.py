@@ -34,7 +34,7 @@ from syncd.mirror import Database
 from syncd.sandbox.caltopo import Fault
 from tests.conftest import Sandbox
 from tests.reliability.harness import assert_matches_world, mirror_state, write_config
-from tests.reliability.platforms import CALTOPO, KARTORIUM, PLATFORMS, Platform
+from tests.reliability.platforms import CALTOPO, KARTORIUM, KATAPULT, PLATFORMS, Platform
 from tests.reliability.tally import record
 
 TIMEOUT = 0.5  # the client timeout in these tests; a "hang" outlives it
@@ -97,6 +97,13 @@ WRONG_SHAPES: dict[str, list[tuple[str, Any]]] = {
         ("object-not-list", {"scenes": []}),
         ("ids-of-wrong-type", [{"id": {"n": 1}, "name": "x", "projectID": 1}]),
         ("rows-not-objects", [1, "two", None]),
+        ("string", "hello"),
+    ],
+    KATAPULT.name: [
+        ("data-as-list", {"status": "success", "data": [], "meta": {}}),
+        ("no-data", {"status": "success", "meta": {}}),
+        ("error-envelope-on-200", {"status": "error", "message": "x", "type": "internal_error"}),
+        ("array", [1, 2, 3]),
         ("string", "hello"),
     ],
 }
