@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from syncd.sandbox import faulty
 from syncd.sandbox.caltopo import Fault
 
 PREFIX = "/katapult"
@@ -318,24 +319,38 @@ def create_app(world: KatapultWorld) -> web.Application:
         arrival = time.monotonic()
         status = 0
         try:
-            response = _handle(world, request, arrival)
-            status = response.status
-            return response
+            resp: web.StreamResponse | None = _gate(world, request, arrival)
+            if resp is None:
+                fault = faulty.pick(world.faults, request.path)
+                resp = await faulty.respond(fault, request, error) if fault else None
+                if resp is None:
+                    answer = _answer(world, request)
+                    resp = answer
+                    if fault is not None and fault.kind == "drip":
+                        resp = await faulty.drip(request, answer, fault.delay)
+            transport = request.transport
+            status = 0 if transport is None or transport.is_closing() else resp.status
+            return resp
         finally:
             query = {k: v for k, v in request.query.items() if k != "api_key"}
             world.request_log.append(
                 LoggedRequest(request.method, request.path, query, status, arrival)
             )
 
+    def error(fault: Fault) -> web.Response:
+        return _error(world, fault.status, "simulated fault", "internal_error")
+
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
-def _handle(  # noqa: PLR0911 - one answer per rule, in the order Katapult applies them
-    world: KatapultWorld, request: web.Request, arrival: float
-) -> web.Response:
-    # Middleware rules first: they answer `{"error": ...}` without `meta`.
+def _gate(world: KatapultWorld, request: web.Request, arrival: float) -> web.Response | None:
+    """Katapult's own refusals, in the order it applies them; None lets the request in.
+
+    Middleware rules first: they answer `{"error": ...}` without `meta`. Injected faults
+    come after the gate, so a faulty answer still counts for the 50 ms rule.
+    """
     key = request.query.get("api_key")
     if not key:
         return web.json_response({"error": "MISSING API KEY"}, status=400)
@@ -349,11 +364,12 @@ def _handle(  # noqa: PLR0911 - one answer per rule, in the order Katapult appli
     cost = _cost(request.method, request.path)
     if world.tokens < cost:
         return _error(world, 429, "Token bucket is empty", "token_rate_limit_exceeded")
-    fault = next((f for f in world.faults if f.match in request.path and f.times != 0), None)
-    if fault is not None:
-        if fault.times > 0:
-            fault.times -= 1
-        return _error(world, fault.status, "simulated fault", "internal_error")
+    return None
+
+
+def _answer(world: KatapultWorld, request: web.Request) -> web.Response:
+    """The route's answer; only successful calls are charged."""
+    cost = _cost(request.method, request.path)
     try:
         data = _route(world, request)
     except _Refused as refused:

@@ -6,15 +6,19 @@ on loopback into a SQLite file, it measures the first sync end to end (in a chil
 process, so peak RSS is the sync's own), a no-change poll, a 1% change, the write path
 alone (`Mirror.apply`), and compares each with a floor measured in the same run
 (`tests/bench/floors.py`). Kartorium: requests per sync of a 10k-feature project.
+Katapult: the achieved request rate of a 40-job sync against the 20 req/s ceiling,
+and its 429s (`tests/bench/katapult_pacing.py`).
 Targets are reported, never asserted: this is not part of `make test`.
 
-Usage: python -m tests.bench.run [--sizes 1000,10000,100000] [--out DIR] [--profile]
+Usage: python -m tests.bench.run [--sizes 1000,10000,100000] [--katapult-jobs 40]
+       [--out DIR] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -37,7 +41,7 @@ from syncd.records import Listing, Snapshot
 from syncd.sandbox import caltopo, kartorium
 from syncd.sandbox.server import Worlds, create_app
 from syncd.sources.caltopo import CalTopoAuth, normalize
-from tests.bench import floors
+from tests.bench import floors, katapult_pacing
 from tests.bench.report import Report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,7 +246,19 @@ async def main_async(args: argparse.Namespace) -> None:
             caltopo_figs.append(await bench_caltopo(size, work, profile_dir))
         print(f"kartorium {args.kartorium} features ...", file=sys.stderr, flush=True)
         kartorium_fig = await bench_kartorium(args.kartorium, work)
-    report = Report(machine(), caltopo_figs, kartorium_fig, time.perf_counter() - started)
+    katapult_fig = None
+    if args.katapult_jobs > 0:
+        print(f"katapult {args.katapult_jobs} jobs ...", file=sys.stderr, flush=True)
+        # Its own simulator process, as a remote server would be (see katapult_pacing.py).
+        with contextlib.redirect_stdout(sys.stderr):  # its detail lines; stdout is the report
+            katapult_fig = await katapult_pacing.bench(args.katapult_jobs, 4, poles=10)
+    report = Report(
+        machine(),
+        caltopo_figs,
+        kartorium_fig,
+        time.perf_counter() - started,
+        katapult=katapult_fig,
+    )
     text = report.markdown()
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +270,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--kartorium", type=int, default=10_000, help="features in the project")
+    parser.add_argument(
+        "--katapult-jobs", type=int, default=40, help="jobs in the Katapult pacing run (0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", action="store_true", help="pyinstrument the syncs")
     asyncio.run(main_async(parser.parse_args()))

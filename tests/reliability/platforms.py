@@ -14,6 +14,7 @@ from typing import Any
 
 from syncd.sandbox import caltopo as caltopo_sandbox
 from syncd.sandbox import kartorium as kartorium_sandbox
+from syncd.sandbox import katapult as katapult_sandbox
 from syncd.sandbox.caltopo import Fault
 from syncd.sandbox.server import Worlds
 
@@ -35,6 +36,9 @@ class Platform:
     routes: tuple[str, ...]  # path fragments a fault may target: listing, then per scope
     revoke: Callable[[Worlds], None]
     one_scope: Callable[[Worlds], str]  # a path fragment that only one scope's requests hold
+    # `syncd` processes the crash suite may run at once against this platform's one key:
+    # Katapult's 50 ms rule is per key, so parallel clients would only refuse each other.
+    parallel: int = 4
 
 
 # ---- CalTopo ---------------------------------------------------------------------------
@@ -158,6 +162,67 @@ def _kartorium_revoke(worlds: Worlds) -> None:
     worlds.kartorium.keys.clear()
 
 
+# ---- Katapult --------------------------------------------------------------------------
+
+
+def _katapult_build(worlds: Worlds) -> None:
+    katapult_sandbox.populate(worlds.katapult, jobs=2, poles=4, seed=7)
+
+
+def _katapult_mutate(worlds: Worlds) -> None:
+    world = worlds.katapult
+    first, second = sorted(world.jobs)
+    nodes = sorted(world.jobs[first].nodes)
+    world.move_node(first, nodes[0], 42.95, -78.8)
+    world.set_node_attributes(first, nodes[1], {"node_type": "pole", "note": "re-tagged"})
+    world.delete_node(first, nodes[-1])  # and, as Katapult does, its connection
+    world.add_node(second, 42.97, -78.85, {"node_type": "pole", "scid": "new"})
+    world.update_job(second, name="Renamed survey")
+    extra = world.add_job("Created later", metadata={"city": "Buffalo"})
+    world.add_node(extra, 42.99, -78.9, {"node_type": "pole"})
+
+
+def _katapult_expected(worlds: Worlds) -> Expected:
+    world = worlds.katapult
+    out: Expected = {}
+    for job_id, job in world.jobs.items():
+        out[job_id, "job", job_id] = (job.data["name"], None)
+        where = {n: [raw["longitude"], raw["latitude"]] for n, raw in job.nodes.items()}
+        for node_id in job.nodes:
+            out[job_id, "node", node_id] = (None, {"type": "Point", "coordinates": where[node_id]})
+        for conn_id, conn in job.connections.items():
+            line = [where[conn["node_id_1"]], where[conn["node_id_2"]]]
+            out[job_id, "connection", conn_id] = (None, {"type": "LineString", "coordinates": line})
+            for section_id, section in conn["sections"].items():
+                at = [section["longitude"], section["latitude"]]
+                out[job_id, "section", section_id] = (None, {"type": "Point", "coordinates": at})
+        for photo_id in job.photos:
+            out[job_id, "photo", photo_id] = (None, None)
+        for trace_id in job.traces:
+            out[job_id, "trace", trace_id] = (None, None)
+    return out
+
+
+def _katapult_toml(worlds: Worlds, url: str, secret: str | None) -> str:
+    # The 50 ms pacing stays real. The margin is the one tests/conftest.py explains: this
+    # sandbox shares the client's event loop, so a request can wait to be stamped.
+    return f"""
+[[sources]]
+name = "poles"
+type = "katapult"
+base_url = "{url}{katapult_sandbox.API}"
+api_key = "{secret or worlds.katapult.api_key}"
+pacing_margin_ms = 5
+retry_backoff = "1ms"
+max_retries = 2
+timeout = 2
+"""
+
+
+def _katapult_revoke(worlds: Worlds) -> None:
+    worlds.katapult.api_key = "revoked-" + worlds.katapult.api_key
+
+
 CALTOPO = Platform(
     name="sar",
     build=_caltopo_build,
@@ -184,4 +249,18 @@ KARTORIUM = Platform(
     one_scope=lambda w: f"/projects/{min(w.kartorium.projects)}/scenes",
 )
 
-PLATFORMS = (CALTOPO, KARTORIUM)
+KATAPULT = Platform(
+    name="poles",
+    build=_katapult_build,
+    mutate=_katapult_mutate,
+    expected=_katapult_expected,
+    source_toml=_katapult_toml,
+    secret=lambda w: w.katapult.api_key,
+    add_fault=lambda w, f: w.katapult.faults.append(f),
+    routes=(f"{katapult_sandbox.API}/jobs", "/jobs/"),
+    revoke=_katapult_revoke,
+    one_scope=lambda w: f"/jobs/{min(w.katapult.jobs)}",
+    parallel=1,
+)
+
+PLATFORMS = (CALTOPO, KARTORIUM, KATAPULT)

@@ -70,7 +70,9 @@ def copy_db(src: Path, dst: Path) -> None:
 async def prepare(sandbox: Sandbox, platform: Platform, tmp: Path) -> Scenario:
     platform.build(sandbox.worlds)
     template = tmp / "template.db"
-    scenario = Scenario(sandbox, platform, tmp, template, {})
+    scenario = Scenario(
+        sandbox, platform, tmp, template, {}, gate=asyncio.Semaphore(platform.parallel)
+    )
     assert await sync_in_process(scenario.config(template)) == ["ok"]
     platform.mutate(sandbox.worlds)
     reference = tmp / "reference.db"

@@ -33,12 +33,14 @@ from tests.reliability.tally import record
 CALTOPO_RAW = b"SYNCD-CANARY-caltopo-secret-7f3a"
 CALTOPO_SECRET = base64.b64encode(CALTOPO_RAW).decode()
 KARTORIUM_KEY = "karta_live_SYNCDCANARY_kartorium_9b1c"
+KATAPULT_KEY = "SYNCDCANARY-katapult-key-3c7e"  # sent in the query string: the risky one
 # Credentials the sandbox refuses, for the 401 paths: just as secret.
 WRONG = {
     "sar": base64.b64encode(b"SYNCD-CANARY-wrong-caltopo-51d2").decode(),
     "twin": "karta_live_SYNCDCANARY_wrong_4e8f",
+    "poles": "SYNCDCANARY-katapult-wrong-8a1d",
 }
-CANARIES = [CALTOPO_SECRET, CALTOPO_RAW.decode(), KARTORIUM_KEY, *WRONG.values()]
+CANARIES = [CALTOPO_SECRET, CALTOPO_RAW.decode(), KARTORIUM_KEY, KATAPULT_KEY, *WRONG.values()]
 CANARIES.append(base64.b64decode(WRONG["sar"]).decode())
 
 FAULTS = [
@@ -64,6 +66,7 @@ def database_text(db_file: Path) -> str:
 def canary_sandbox(sandbox: Sandbox) -> Sandbox:
     sandbox.worlds.caltopo.credential_secret = CALTOPO_SECRET
     sandbox.worlds.kartorium.keys = {KARTORIUM_KEY: READ_SCOPES}
+    sandbox.worlds.katapult.api_key = KATAPULT_KEY
     for platform in PLATFORMS:
         platform.build(sandbox.worlds)
     return sandbox
@@ -120,6 +123,7 @@ async def test_every_fault_class_leaks_nothing_in_process(
             texts += [repr(logs), *(repr(o) for o in outcomes)]
             sandbox.worlds.caltopo.faults.clear()
             sandbox.worlds.kartorium.faults.clear()
+            sandbox.worlds.katapult.faults.clear()
         for platform in PLATFORMS:
             platform.revoke(sandbox.worlds)
         with capture_logs(processors=[merge_contextvars]) as logs:
@@ -154,6 +158,7 @@ async def test_every_command_and_fault_leaks_nothing(
         found += await run_commands(sandbox, tmp_path / f"fault{i}", [["sync"], ["status"]])
         sandbox.worlds.caltopo.faults.clear()
         sandbox.worlds.kartorium.faults.clear()
+        sandbox.worlds.katapult.faults.clear()
     found += await run_commands(sandbox, tmp_path / "wrong", [["sync"], ["status"]], secrets=WRONG)
     for platform in PLATFORMS:
         platform.revoke(sandbox.worlds)
@@ -161,7 +166,7 @@ async def test_every_command_and_fault_leaks_nothing(
         sandbox,
         tmp_path / "revoked",
         [["sync"], ["status", "--json"]],
-        secrets={"sar": CALTOPO_SECRET, "twin": KARTORIUM_KEY},
+        secrets={"sar": CALTOPO_SECRET, "twin": KARTORIUM_KEY, "poles": KATAPULT_KEY},
     )
     assert found == []
     record("secrets", scenarios=len(commands) + 2 * len(FAULTS) + 4)
