@@ -411,8 +411,7 @@ def create_app(world: CalTopoWorld) -> web.Application:
             resp = await _fire_fault(world, request) or _answer(world, request, match)
             if world.clock_skew:
                 resp.headers["Date"] = formatdate(world.wall_clock(), usegmt=True)
-            transport = request.transport
-            status = 0 if transport is None or transport.is_closing() else resp.status
+            status = faulty.answered_status(request, resp)
             return resp
         finally:
             world.request_log.append(

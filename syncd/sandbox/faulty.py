@@ -72,3 +72,9 @@ async def drip(request: web.Request, answer: web.Response, delay: float) -> web.
         await asyncio.sleep(delay)
     await resp.write_eof()
     return resp
+
+
+def answered_status(request: web.Request, response: web.StreamResponse) -> int:
+    """The status a client saw, for a request log: 0 when a fault cut the connection."""
+    transport = request.transport
+    return 0 if transport is None or transport.is_closing() else response.status

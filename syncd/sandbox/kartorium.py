@@ -192,8 +192,7 @@ def create_app(world: KartoriumWorld) -> web.Application:
                 resp = _answer(world, request)
                 if fault is not None and fault.kind == "drip":
                     resp = await faulty.drip(request, resp, fault.delay)
-            transport = request.transport
-            status = 0 if transport is None or transport.is_closing() else resp.status
+            status = faulty.answered_status(request, resp)
             return resp
         finally:
             world.request_log.append(

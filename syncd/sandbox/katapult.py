@@ -328,8 +328,7 @@ def create_app(world: KatapultWorld) -> web.Application:
                     resp = answer
                     if fault is not None and fault.kind == "drip":
                         resp = await faulty.drip(request, answer, fault.delay)
-            transport = request.transport
-            status = 0 if transport is None or transport.is_closing() else resp.status
+            status = faulty.answered_status(request, resp)
             return resp
         finally:
             query = {k: v for k, v in request.query.items() if k != "api_key"}
