@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from syncd.errors import StorageError, SyncdError
+from syncd.errors import SourceError, StorageError, SyncdError
 from syncd.http import HttpClient, RetryPolicy
 from syncd.mirror import Database, DeleteGuard, Mirror
 from syncd.mirror.apply import ApplyResult, RowCounts
@@ -166,9 +166,18 @@ class Engine:
                         outcome.failed_scopes.append(item.scope)
                         log.warning("scope.failed", scope=item.scope, error=_describe(item.error))
                         continue
-                    result = await _uncancellable(
-                        self.mirror.apply(settings.name, item, guard=guard, run_id=outcome.run_id)
-                    )
+                    try:
+                        result = await _uncancellable(
+                            self.mirror.apply(
+                                settings.name, item, guard=guard, run_id=outcome.run_id
+                            )
+                        )
+                    except SourceError as err:
+                        # A streamed answer that broke while being applied: rolled back
+                        # whole, so the scope failed like any fetch (rule 6).
+                        outcome.failed_scopes.append(item.scope)
+                        log.warning("scope.failed", scope=item.scope, error=err.message)
+                        continue
                     if result.held is not None:
                         outcome.held += result.held.would_delete
                         log.warning(

@@ -7,7 +7,7 @@ The mirror never infers a deletion a snapshot does not prove (ARCHITECTURE.md §
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -72,7 +72,9 @@ class Listing:
     """
 
     collections: frozenset[str] | None
-    keys: frozenset[Key]
+    keys: Container[Key]
+    """Read only by membership, and only after the snapshot's records were consumed: a
+    streamed answer's proof may depend on what its records turned out to be."""
     kinds: frozenset[str] | None = None
     cascade: bool = False
     """Its tombstones follow from another listing of the same snapshot (a map gone from
@@ -91,7 +93,9 @@ class Snapshot:
     """What one fetch of one scope proved; applied by the mirror in one transaction."""
 
     scope: str
-    records: Sequence[Record] = ()
+    records: Iterable[Record] = ()
+    """May be a one-shot stream (a large answer parsed as it is applied): the mirror
+    iterates it once, inside the snapshot's transaction, before reading the listings."""
     cursor: str | None = None
     listings: tuple[Listing, ...] = ()
     deleted: frozenset[Key] = frozenset()

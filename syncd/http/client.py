@@ -31,6 +31,7 @@ from syncd.errors import (
     UpstreamError,
 )
 from syncd.http.auth import Auth, NoAuth, PreparedRequest
+from syncd.http.document import JsonDocument, spool
 from syncd.http.limits import RequestLimiter, Unlimited
 from syncd.http.retry import RetryPolicy, parse_retry_after
 from syncd.redact import redact_text, redact_url
@@ -112,15 +113,33 @@ class HttpClient:
         """GET a JSON document, retrying transient failures per the retry policy."""
         return await self.request_json("GET", url, params=params)
 
+    async def get_document(
+        self, url: str, *, params: Mapping[str, str] | None = None
+    ) -> JsonDocument:
+        """GET a possibly large JSON answer without parsing it (syncd.http.document).
+
+        The body is read to its end (a cut-short body is retried like any other), kept
+        in a spooled file and returned undecoded; the caller reads it as a stream and
+        closes it. Error answers are decoded and raised exactly as `get_json` does.
+        """
+        document = await self._retrying("GET", url, params, stream=True)
+        assert isinstance(document, JsonDocument)
+        return document
+
     async def request_json(
         self, method: str, url: str, *, params: Mapping[str, str] | None = None
     ) -> Any:
         """Send a request and decode its JSON body; raise a SourceError on failure."""
+        return await self._retrying(method, url, params, stream=False)
+
+    async def _retrying(
+        self, method: str, url: str, params: Mapping[str, str] | None, *, stream: bool
+    ) -> Any:
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(method, url, dict(params or {}))
+                return await self._attempt(method, url, dict(params or {}), stream=stream)
             except RetryableError as error:
                 delay = self.retry.delay(attempt, error)
                 if delay is None:
@@ -138,7 +157,7 @@ class HttpClient:
                 )
                 await self._sleep(delay)
 
-    async def _attempt(self, method: str, url: str, params: dict[str, str]) -> Any:
+    async def _attempt(self, method: str, url: str, params: dict[str, str], *, stream: bool) -> Any:
         if self._session is None:
             raise RuntimeError("HttpClient used outside 'async with'")
         request = PreparedRequest(method=method, url=url, params=params)
@@ -157,9 +176,12 @@ class HttpClient:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
                 status = response.status
                 headers = response.headers
+                if stream and 200 <= status < 300:
+                    document = await _spooled(response, shown)
+                else:
+                    body = await response.read()
         except TimeoutError:
             self.statuses[0] += 1
             raise TransportError(
@@ -180,6 +202,9 @@ class HttpClient:
             ) from None
         self.statuses[status] += 1
         self.server_date = _http_date(headers.get("Date"))
+        if stream and 200 <= status < 300:
+            self.limiter.observe(status, headers, None)
+            return document
         payload = _decode(body)
         self.limiter.observe(status, headers, payload)
         error = classify(status, body, payload, headers, method=method, url=shown)
@@ -197,6 +222,20 @@ class HttpClient:
 
 
 _INVALID: Any = object()
+
+
+async def _spooled(response: aiohttp.ClientResponse, url: str) -> JsonDocument:
+    """The whole body in a spooled file; a body cut short raises as `read()` would."""
+    file = spool()
+    size = 0
+    try:
+        async for chunk in response.content.iter_chunked(256 * 1024):
+            file.write(chunk)
+            size += len(chunk)
+    except BaseException:
+        file.close()
+        raise
+    return JsonDocument(file, size, url=url)
 
 
 def _transport_failure(err: aiohttp.ClientError) -> str:

@@ -10,9 +10,10 @@ commits or none of it does.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -132,18 +133,78 @@ async def _apply(
     conn: AsyncConnection, source: str, snapshot: Snapshot, guard: DeleteGuard, now: datetime
 ) -> ApplyResult:
     result = ApplyResult(scope=snapshot.scope)
-    records = _by_key(snapshot.records)
+    present: set[Key] = set()
+    revived: set[int] = set()
+    # Records are written a chunk at a time, so a streamed answer is never held whole;
+    # the guard's verdict below still rolls back all of it (one transaction).
+    for chunk in _batches(snapshot.records):
+        await _write_records(
+            conn,
+            source,
+            snapshot.scope,
+            chunk,
+            present=present,
+            revived=revived,
+            result=result,
+            now=now,
+        )
+
+    # The guard weighs the rows that were live before this snapshot.
+    doomed = await _tombstones(conn, source, snapshot, present, revived)
+    tombstones = sorted(doomed.rows.items())
+    if tombstones:
+        cascaded = len(tombstones) > doomed.primary
+        source_live = await _count_live(conn, source) - len(revived) if cascaded else None
+        if guard.holds(doomed.primary, doomed.live, total=len(tombstones), source_live=source_live):
+            live = doomed.live if source_live is None else source_live
+            held = HeldDeletion(snapshot.scope, len(tombstones), live)
+            return ApplyResult(scope=snapshot.scope, held=held)
+
+    if tombstones:
+        await conn.execute(
+            _TOMBSTONE,
+            [{"b_id": fid, "b_version": version + 1, "b_now": now} for fid, version in tombstones],
+        )
+        await conn.execute(
+            insert(changes),
+            [_change(fid, source, "delete", version + 1, now) for fid, version in tombstones],
+        )
+        result.deleted = len(tombstones)
+        log.info("scope.tombstoned", source=source, scope=snapshot.scope, deleted=len(tombstones))
+    await _store_cursors(conn, source, snapshot, now)
+    return result
+
+
+async def _write_records(
+    conn: AsyncConnection,
+    source: str,
+    scope: str,
+    chunk: list[Record],
+    *,
+    present: set[Key],
+    revived: set[int],
+    result: ApplyResult,
+    now: datetime,
+) -> None:
+    """Insert, update or restore one chunk's records; add their keys to `present` and
+    the ids of the rows they made live (inserted, restored) to `revived`.
+
+    A key repeated within the chunk folds into one write; one repeated in a later chunk
+    is merged with what this transaction already wrote (same final content).
+    """
+    records = _by_key(chunk)
     for key in [k for k in records if not _storable(k)]:
         del records[key]
         result.skipped += 1
         log.warning(
             "record.skipped",
             source=source,
-            scope=snapshot.scope,
+            scope=scope,
             kind=key[1],
             id=key[2],
             reason="its identity has a NUL character, which SQL text cannot hold",
         )
+    present.update(records)
     stored = await _load_stored(conn, source, records.keys())
     partial_ids = [
         stored[k].id for k, chain in records.items() if k in stored and chain[0].is_partial
@@ -163,7 +224,7 @@ async def _apply(
             log.warning(
                 "record.skipped",
                 source=source,
-                scope=snapshot.scope,
+                scope=scope,
                 kind=key[1],
                 id=key[2],
                 reason=str(err),
@@ -180,16 +241,6 @@ async def _apply(
         else:
             result.unchanged += 1
 
-    doomed = await _tombstones(conn, source, snapshot, records.keys())
-    tombstones = sorted(doomed.rows.items())
-    if tombstones:
-        cascaded = len(tombstones) > doomed.primary
-        source_live = await _count_live(conn, source) if cascaded else None
-        if guard.holds(doomed.primary, doomed.live, total=len(tombstones), source_live=source_live):
-            live = doomed.live if source_live is None else source_live
-            result.held = HeldDeletion(snapshot.scope, len(tombstones), live)
-            return result
-
     change_rows: list[dict[str, Any]] = []
     if inserts:
         # A plain executemany, then the new ids by index lookups: INSERT .. RETURNING in
@@ -199,29 +250,28 @@ async def _apply(
         inserted = [(row["collection"], row["kind"], row["external_id"]) for row in inserts]
         new_ids = await _load_stored(conn, source, inserted)
         change_rows += [_change(new_ids[key].id, source, "insert", 1, now) for key in inserted]
-        result.inserted = len(inserts)
+        revived.update(row.id for row in new_ids.values())
+        result.inserted += len(inserts)
     if updates:
         await conn.execute(_UPDATE_CONTENT, updates)
         change_rows += [
             _change(u["b_id"], source, op, u["b_version"], now)
             for u, op in zip(updates, update_ops, strict=True)
         ]
-        result.restored = update_ops.count("restore")
-        result.updated = len(updates) - result.restored
-    if tombstones:
-        await conn.execute(
-            _TOMBSTONE,
-            [{"b_id": fid, "b_version": version + 1, "b_now": now} for fid, version in tombstones],
+        revived.update(
+            u["b_id"] for u, op in zip(updates, update_ops, strict=True) if op == "restore"
         )
-        change_rows += [
-            _change(fid, source, "delete", version + 1, now) for fid, version in tombstones
-        ]
-        result.deleted = len(tombstones)
-        log.info("scope.tombstoned", source=source, scope=snapshot.scope, deleted=len(tombstones))
+        restored = update_ops.count("restore")
+        result.restored += restored
+        result.updated += len(updates) - restored
     if change_rows:
         await conn.execute(insert(changes), change_rows)
-    await _store_cursors(conn, source, snapshot, now)
-    return result
+
+
+def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
+    iterator = iter(records)
+    while batch := list(islice(iterator, _CHUNK)):
+        yield batch
 
 
 def _storable(key: Key) -> bool:
@@ -230,7 +280,7 @@ def _storable(key: Key) -> bool:
     return not any("\x00" in part for part in key)
 
 
-def _by_key(records: Sequence[Record]) -> dict[Key, list[Record]]:
+def _by_key(records: list[Record]) -> dict[Key, list[Record]]:
     """Group records by identity, keeping their order: a response may repeat an id."""
     grouped: dict[Key, list[Record]] = {}
     for record in records:
@@ -298,19 +348,19 @@ class _Doomed:
 
 
 async def _tombstones(
-    conn: AsyncConnection, source: str, snapshot: Snapshot, present: Iterable[Key]
+    conn: AsyncConnection, source: str, snapshot: Snapshot, present: set[Key], revived: set[int]
 ) -> _Doomed:
     """Live rows the snapshot proves gone, with what the mass-delete guard weighs."""
-    present = set(present)
     doomed: dict[int, int] = {}
     primary: set[int] = set()
     examined: set[int] = set()
     for listing in snapshot.listings:
-        live_keys = listing.keys | present
         async for fid, key, version in _live_rows(conn, source, listing):
+            if fid in revived:
+                continue
             if not listing.cascade:
                 examined.add(fid)
-            if key not in live_keys:
+            if key not in present and key not in listing.keys:
                 doomed[fid] = version
                 if not listing.cascade:
                     primary.add(fid)

@@ -11,11 +11,18 @@ from typing import Any
 from syncd.records import JSON, KEEP, Record
 
 
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> str:
-    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept, NaN/Infinity refused."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept, NaN/Infinity refused.
+
+    One encoder for every call: `json.dumps` with options builds a new one each time,
+    a fifth of this function's cost over a 100k-object map (tests/bench, issue 7).
+    """
+    return _CANONICAL.encode(value)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -30,6 +30,7 @@ from syncd.errors import (
     UpstreamError,
 )
 from syncd.http import HttpClient, PreparedRequest
+from syncd.http.document import JsonDocument, NonStandardJson
 from syncd.records import JSON, KEEP, Key, Listing, Record, ScopeFailed, Snapshot
 from syncd.settings import BaseUrl, SourceSettings
 from syncd.sources.fanout import fan_out
@@ -173,14 +174,18 @@ class CalTopoSource:
     def _account_snapshot(
         self, scope: str, result: JSON, since: int, cursors: Mapping[str, str]
     ) -> tuple[Snapshot, set[str]]:
-        parsed = _records(_list(result, "features"), scope, self.name)
-        records = parsed.records
+        stream = _RecordStream(_list(result, "features"), scope, self.name)
+        records = list(stream)
         listed = {r.external_id for r in records if r.kind == MAP_CLASS}
         known = {s.removeprefix("map:") for s in cursors if s.startswith("map:")}
         configured = set(self.settings.maps or ())
         listings: list[Listing] = []
         gone: set[str] = set()
-        live = _live_keys(result, scope, parsed, complete=since == 0)
+        live: frozenset[Key] | None = None
+        if result.get("ids") is not None:
+            live = _ids_keys(result["ids"], scope)
+        elif since == 0 and not stream.unidentified:
+            live = frozenset(r.key for r in records) | stream.skipped
         if live is not None:
             listings.append(Listing(frozenset({scope}), live))
             live_maps = {external_id for _, kind, external_id in live if kind == MAP_CLASS}
@@ -218,17 +223,31 @@ class CalTopoSource:
         )
 
     async def _map_snapshot(self, map_id: str, scope: str, since: int) -> Snapshot:
-        result = await self._fetch(f"/api/v1/map/{quote(map_id)}/since/{since}")
-        state = result.get("state")
-        if not isinstance(state, dict):
-            raise ProtocolError(f"map {map_id}: response has no 'state' object")
-        parsed = _records(_list(state, "features"), map_id, self.name)
-        live = _live_keys(result, map_id, parsed, complete=since == 0)
+        """One map's answer as a snapshot whose records stream from the spooled body.
+
+        A map can hold 100k+ objects: its features are parsed one at a time while the
+        mirror applies them (syncd.http.document), never held whole.
+        """
+        path = f"/api/v1/map/{quote(map_id)}/since/{since}"
+        document = await self.http.get_document(f"{self.settings.base_url}{path}")
+        try:
+            answer = _map_answer(document, path)
+        except BaseException:
+            document.close()
+            raise
+        stream = _RecordStream(answer.features, map_id, self.name, on_done=document.close)
+        keys: Container[Key] | None = None
+        if answer.ids is not None:
+            keys = _ids_keys(answer.ids, map_id)
+        elif since == 0:
+            # A since/0 answer is the map's whole state: its records are present by
+            # construction; so are the features skipped as unusable (if identifiable).
+            keys = _SkippedKeys(stream)
         return Snapshot(
             scope=scope,
-            records=parsed.records,
-            cursor=_timestamp(result),
-            listings=(Listing(frozenset({map_id}), live),) if live is not None else (),
+            records=stream,
+            cursor=answer.timestamp,
+            listings=(Listing(frozenset({map_id}), keys),) if keys is not None else (),
         )
 
     def _since(self, cursor: str | None, full: bool) -> int:
@@ -290,58 +309,121 @@ def _list(container: JSON, key: str) -> list[Any]:
     return value
 
 
-def _live_keys(
-    result: JSON, collection: str, parsed: _Parsed, *, complete: bool
-) -> frozenset[Key] | None:
-    """Keys of every live object in the scope, when the response proves them; else None.
-
-    `ids` lists all live ids by class (a missing class means none); a `since/0`
-    answer is itself the complete current state, including objects we could not use
-    (they are present, so not deleted) unless one could not even be identified.
-    """
-    ids = result.get("ids")
-    if ids is not None:
-        # Ids are strings; `[1, 2]` would match no stored row and prove everything gone.
-        if not isinstance(ids, dict) or not all(
-            isinstance(v, list) and all(isinstance(i, str) and i for i in v) for v in ids.values()
-        ):
-            raise ProtocolError("response field 'ids' is not a map of class to id strings")
-        return frozenset(
-            (collection, str(kind), str(external_id))
-            for kind, values in ids.items()
-            for external_id in values
-        )
-    if complete and not parsed.unidentified:
-        return frozenset(r.key for r in parsed.records) | parsed.skipped
-    return None
+def _ids_keys(ids: Any, collection: str) -> frozenset[Key]:
+    """Keys of every live object of the scope, from an `ids` map (class -> ids; a
+    missing class means none)."""
+    # Ids are strings; `[1, 2]` would match no stored row and prove everything gone.
+    if not isinstance(ids, dict) or not all(
+        isinstance(v, list) and all(isinstance(i, str) and i for i in v) for v in ids.values()
+    ):
+        raise ProtocolError("response field 'ids' is not a map of class to id strings")
+    return frozenset(
+        (collection, str(kind), str(external_id))
+        for kind, values in ids.items()
+        for external_id in values
+    )
 
 
 @dataclass(frozen=True)
-class _Parsed:
-    """The usable records of a response, and what is known of the unusable ones."""
-
-    records: list[Record]
-    skipped: frozenset[Key]
-    """Keys of features skipped as unusable but identifiable: present, so not deleted."""
-    unidentified: bool
-    """Some feature had no usable (class, id): the response cannot prove absences."""
+class _MapAnswer:
+    timestamp: str
+    ids: Any
+    features: Iterable[Any]
 
 
-def _records(features: list[Any], collection: str, source: str) -> _Parsed:
-    records: list[Record] = []
-    skipped: set[Key] = set()
-    unidentified = False
-    for feature in features:
+def _map_answer(document: JsonDocument, path: str) -> _MapAnswer:
+    """A map answer's cursor, `ids` and features, reading the body as a stream.
+
+    The `ids` pass reads the whole body (in C), proving it is JSON before anything is
+    used; the features are parsed only when the mirror pulls them. Anything but the
+    usual shape (an error envelope, a missing `features`, NaN in the body) is parsed
+    whole by the stdlib and judged exactly as before.
+    """
+    try:
+        ids = document.values("result.ids")
+        head, features = document.scalars(_HEAD, until="result.state.features")
+    except NonStandardJson:
+        return _whole_map_answer(document.load(), path)
+    if head.get("status") != "ok" or features != "start_array":
+        return _whole_map_answer(document.load(), path)
+    stamp = head.get("result.timestamp", head.get("timestamp"))
+    return _MapAnswer(
+        timestamp=_timestamp({"timestamp": stamp}),
+        ids=ids[-1] if ids else None,
+        features=document.items("result.state.features.item"),
+    )
+
+
+_HEAD = frozenset({"status", "timestamp", "result.timestamp"})
+
+
+def _whole_map_answer(body: Any, path: str) -> _MapAnswer:
+    result = _unwrap(body, path)
+    state = result.get("state")
+    if not isinstance(state, dict):
+        raise ProtocolError(f"{path}: response has no 'state' object")
+    return _MapAnswer(_timestamp(result), result.get("ids"), _list(state, "features"))
+
+
+class _RecordStream:
+    """An answer's features as records, normalized as they are pulled (once).
+
+    Unusable features are skipped with `record.skipped`; what is known of them (their
+    keys, or that one had none) is complete once the stream has been read to its end.
+    """
+
+    def __init__(
+        self,
+        features: Iterable[Any],
+        collection: str,
+        source: str,
+        *,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self._features = features
+        self._collection = collection
+        self._source = source
+        self._on_done = on_done
+        self.skipped: set[Key] = set()
+        """Keys of features skipped as unusable but identifiable: present, not deleted."""
+        self.unidentified = False
+        """Some feature had no usable (class, id): the answer cannot prove absences."""
+        self.done = False
+
+    def __iter__(self) -> Iterator[Record]:
         try:
-            records.append(normalize(feature, collection))
-        except RecordError as err:
-            log.warning("record.skipped", source=source, collection=collection, reason=err.message)
-            key = _identity(feature, collection)
-            if key is None:
-                unidentified = True
-            else:
-                skipped.add(key)
-    return _Parsed(records, frozenset(skipped), unidentified)
+            for feature in self._features:
+                try:
+                    yield normalize(feature, self._collection)
+                except RecordError as err:
+                    log.warning(
+                        "record.skipped",
+                        source=self._source,
+                        collection=self._collection,
+                        reason=err.message,
+                    )
+                    key = _identity(feature, self._collection)
+                    if key is None:
+                        self.unidentified = True
+                    else:
+                        self.skipped.add(key)
+            self.done = True
+        finally:
+            if self._on_done is not None:
+                self._on_done()
+
+
+class _SkippedKeys:
+    """The listing keys of a complete streamed answer beyond its records: the features
+    it skipped, or every key when one could not be identified (proves no absence)."""
+
+    def __init__(self, stream: _RecordStream) -> None:
+        self._stream = stream
+
+    def __contains__(self, key: object) -> bool:
+        if not self._stream.done:
+            raise RuntimeError("a streamed listing was read before its records")
+        return self._stream.unidentified or key in self._stream.skipped
 
 
 def _identity(feature: Any, collection: str) -> Key | None:

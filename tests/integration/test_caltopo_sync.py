@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,8 @@ from sqlalchemy import event, func, select
 from structlog.testing import capture_logs
 
 from syncd.engine import Engine
+from syncd.errors import ProtocolError
+from syncd.http.document import JsonDocument
 from syncd.logging import configure_logging
 from syncd.mirror import Database
 from syncd.mirror.models import changes
@@ -514,3 +517,36 @@ async def test_configured_map_missing_from_account_is_not_flapping(
         ) == ("ok", 0, 0)
     rows = [r for r in await mirror_rows(db, "sar") if r["collection"] == chosen]
     assert rows and all(r["deleted_at"] is None and r["version"] == 1 for r in rows)
+
+
+async def test_a_map_answer_breaking_while_applied_fails_only_its_scope(
+    sandbox: Sandbox, engine: Engine, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Map answers stream into the mirror; one that breaks half-way (here: the spooled
+    body becomes unreadable) is rolled back whole and the other maps still sync."""
+    world = sandbox.caltopo
+    build_world(world, maps=2)
+    broken_map, good_map = world.map_ids()
+    items = JsonDocument.items
+
+    def breaking(self: JsonDocument, prefix: str) -> Iterator[Any]:
+        for n, item in enumerate(items(self, prefix)):
+            if broken_map in self.url and n == 2:
+                raise ProtocolError(f"{self.url}: spooled body unreadable")
+            yield item
+
+    monkeypatch.setattr(JsonDocument, "items", breaking)
+    with capture_logs() as logs:
+        outcome = await engine.sync(sandbox.caltopo_settings())
+
+    assert outcome.status == "partial"
+    assert outcome.failed_scopes == [f"map:{broken_map}"]
+    [failed] = [e for e in logs if e["event"] == "scope.failed"]
+    assert "spooled body unreadable" in failed["error"]
+    collections = {r["collection"] for r in await mirror_rows(db, "sar")}
+    assert good_map in collections and broken_map not in collections
+    assert (await stored_cursors(db, "sar"))[f"map:{broken_map}"] == "0"
+
+    monkeypatch.setattr(JsonDocument, "items", items)
+    assert (await engine.sync(sandbox.caltopo_settings())).status == "ok"
+    await assert_mirrors_world(db, "sar", world)

@@ -610,3 +610,35 @@ async def test_limiter_waits_are_counted(upstream: Upstream, sleep: FakeSleep) -
         await http.get_json(URL)
     assert http.ratelimit_waits == 2
     assert http.requests == 2
+
+
+# --- documents: large answers kept undecoded ------------------------------------------
+
+
+async def test_document_is_the_body_undecoded_after_the_same_retries(
+    upstream: Upstream, sleep: FakeSleep
+) -> None:
+    upstream.answer(503, payload={"error": "busy"})
+    upstream.answer(body='{"list": [1, 2, 3]}')
+    limiter = RecordingLimiter()
+    async with make_client(sleep, limiter=limiter) as http:
+        document = await http.get_document(URL)
+    assert list(document.items("list.item")) == [1, 2, 3]
+    assert document.size == len('{"list": [1, 2, 3]}')
+    assert (http.requests, http.retries) == (2, 1)
+    # The error answer is decoded for the limiter as with get_json; the document is not.
+    assert [c for c in limiter.calls if c[0] == "observe"] == [
+        ("observe", 503, {"error": "busy"}),
+        ("observe", 200, None),
+    ]
+    document.close()
+
+
+async def test_document_error_answers_raise_as_get_json_does(
+    upstream: Upstream, sleep: FakeSleep
+) -> None:
+    upstream.answer(401, payload={"message": "login required"})
+    async with make_client(sleep) as http:
+        with pytest.raises(AuthError, match="HTTP 401: login required"):
+            await http.get_document(URL)
+    assert http.retries == 0

@@ -6,6 +6,7 @@ one of them breaks, on either backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -14,7 +15,9 @@ from sqlalchemy import event, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from structlog.testing import capture_logs
 
+from syncd.errors import ProtocolError
 from syncd.mirror import Database, DeleteGuard, Mirror
+from syncd.mirror import apply as apply_module
 from syncd.mirror.models import UtcDateTime, changes
 from syncd.records import KEEP, Listing, Record, Snapshot
 from tests.conftest import mirror_rows, stored_cursors
@@ -396,3 +399,64 @@ def test_utc_datetime_binding_remembers_only_the_very_same_value() -> None:
     assert out == [naive, naive, naive + timedelta(seconds=1), None, naive, naive]
     assert out[0] is out[1]
     assert all(v is None or v.tzinfo is None for v in out)
+
+
+# --- streamed records: applied in chunks, still one transaction ------------------------
+
+MANY = apply_module._CHUNK * 2 + 1  # three chunks
+
+
+def stream(count: int, *, title: str = "m", fail_after: int | None = None) -> Iterator[Record]:
+    """Records as a one-shot generator, like a streamed upstream answer."""
+    for i in range(count):
+        if fail_after is not None and i == fail_after:
+            raise ProtocolError("answer broke while being read")
+        yield marker(f"id{i:06d}", title=title)
+
+
+async def test_a_stream_larger_than_a_chunk_is_applied_whole(db: Database) -> None:
+    mirror = Mirror(db)
+    ids = [f"id{i:06d}" for i in range(MANY)]
+    repeated = [*stream(MANY), marker(ids[0], title="last word")]  # a key in two chunks
+
+    result = await mirror.apply(
+        SRC, Snapshot("s", iter(repeated), cursor="5", listings=complete(*ids))
+    )
+
+    rows = by_id(await mirror_rows(db))
+    assert len(rows) == MANY
+    assert rows[ids[0]]["name"] == "last word"
+    assert result.inserted == MANY
+    assert await stored_cursors(db, SRC) == {"s": "5"}
+
+
+async def test_a_stream_that_breaks_midway_writes_nothing(db: Database) -> None:
+    mirror = Mirror(db)
+    await mirror.apply(SRC, Snapshot("s", [marker("old")], cursor="1"))
+    before = await mirror_rows(db), await change_log(db)
+    broken = stream(MANY, title="new", fail_after=apply_module._CHUNK + 10)
+
+    with pytest.raises(ProtocolError):
+        await mirror.apply(SRC, Snapshot("s", broken, cursor="2", listings=complete()))
+
+    assert (await mirror_rows(db), await change_log(db)) == before
+    assert await stored_cursors(db, SRC) == {"s": "1"}
+
+
+async def test_guard_weighs_only_rows_live_before_the_snapshot(db: Database) -> None:
+    """Rows a streamed snapshot inserted or restored before the guard ran are not in
+    its denominator: 9 of 10 old rows going is a mass delete, whatever came with it."""
+    mirror = Mirror(db)
+    old = [marker(f"old{i}") for i in range(10)]
+    await mirror.apply(SRC, Snapshot("s", old, listings=complete(*(r.external_id for r in old))))
+    new = [marker(f"new{i}") for i in range(30)]
+    keep = ["old0", *(r.external_id for r in new)]
+
+    result = await mirror.apply(
+        SRC, Snapshot("s", iter(new), listings=complete(*keep)), guard=DeleteGuard(min_rows=5)
+    )
+
+    assert result.held is not None
+    assert (result.held.would_delete, result.held.live) == (9, 10)
+    assert result.inserted == 0  # rolled back with the rest
+    assert {r["external_id"] for r in await mirror_rows(db)} == {f"old{i}" for i in range(10)}
