@@ -134,7 +134,10 @@ async def _apply(
 ) -> ApplyResult:
     result = ApplyResult(scope=snapshot.scope)
     present: set[Key] = set()
-    revived: set[int] = set()
+    restored: set[int] = set()
+    # Rows this snapshot inserts get ids above `known`: ids only grow, on SQLite as from
+    # a PostgreSQL sequence, so the guard can tell them from rows that were live before.
+    known = await _max_id(conn)
     # Records are written a chunk at a time, so a streamed answer is never held whole;
     # the guard's verdict below still rolls back all of it (one transaction).
     for chunk in _batches(snapshot.records):
@@ -144,17 +147,17 @@ async def _apply(
             snapshot.scope,
             chunk,
             present=present,
-            revived=revived,
+            restored=restored,
             result=result,
             now=now,
         )
 
     # The guard weighs the rows that were live before this snapshot.
-    doomed = await _tombstones(conn, source, snapshot, present, revived)
+    doomed = await _tombstones(conn, source, snapshot, present, known=known, restored=restored)
     tombstones = sorted(doomed.rows.items())
     if tombstones:
         cascaded = len(tombstones) > doomed.primary
-        source_live = await _count_live(conn, source) - len(revived) if cascaded else None
+        source_live = await _count_live(conn, source, known) - len(restored) if cascaded else None
         if guard.holds(doomed.primary, doomed.live, total=len(tombstones), source_live=source_live):
             live = doomed.live if source_live is None else source_live
             held = HeldDeletion(snapshot.scope, len(tombstones), live)
@@ -182,12 +185,12 @@ async def _write_records(
     chunk: list[Record],
     *,
     present: set[Key],
-    revived: set[int],
+    restored: set[int],
     result: ApplyResult,
     now: datetime,
 ) -> None:
     """Insert, update or restore one chunk's records; add their keys to `present` and
-    the ids of the rows they made live (inserted, restored) to `revived`.
+    the ids of the rows they restored to `restored`.
 
     A key repeated within the chunk folds into one write; one repeated in a later chunk
     is merged with what this transaction already wrote (same final content).
@@ -250,7 +253,6 @@ async def _write_records(
         inserted = [(row["collection"], row["kind"], row["external_id"]) for row in inserts]
         new_ids = await _load_stored(conn, source, inserted)
         change_rows += [_change(new_ids[key].id, source, "insert", 1, now) for key in inserted]
-        revived.update(row.id for row in new_ids.values())
         result.inserted += len(inserts)
     if updates:
         await conn.execute(_UPDATE_CONTENT, updates)
@@ -258,12 +260,10 @@ async def _write_records(
             _change(u["b_id"], source, op, u["b_version"], now)
             for u, op in zip(updates, update_ops, strict=True)
         ]
-        revived.update(
-            u["b_id"] for u, op in zip(updates, update_ops, strict=True) if op == "restore"
-        )
-        restored = update_ops.count("restore")
-        result.restored += restored
-        result.updated += len(updates) - restored
+        restores = [u["b_id"] for u, op in zip(updates, update_ops, strict=True) if op == "restore"]
+        restored.update(restores)
+        result.restored += len(restores)
+        result.updated += len(updates) - len(restores)
     if change_rows:
         await conn.execute(insert(changes), change_rows)
 
@@ -348,15 +348,21 @@ class _Doomed:
 
 
 async def _tombstones(
-    conn: AsyncConnection, source: str, snapshot: Snapshot, present: set[Key], revived: set[int]
+    conn: AsyncConnection,
+    source: str,
+    snapshot: Snapshot,
+    present: set[Key],
+    *,
+    known: int,
+    restored: set[int],
 ) -> _Doomed:
     """Live rows the snapshot proves gone, with what the mass-delete guard weighs."""
     doomed: dict[int, int] = {}
     primary: set[int] = set()
     examined: set[int] = set()
     for listing in snapshot.listings:
-        async for fid, key, version in _live_rows(conn, source, listing):
-            if fid in revived:
+        async for fid, key, version in _live_rows(conn, source, listing, known):
+            if fid in restored:
                 continue
             if not listing.cascade:
                 examined.add(fid)
@@ -374,18 +380,23 @@ async def _tombstones(
     return _Doomed(doomed, len(primary), len(examined))
 
 
-async def _count_live(conn: AsyncConnection, source: str) -> int:
+async def _max_id(conn: AsyncConnection) -> int:
+    return int((await conn.execute(select(func.max(features.c.id)))).scalar_one() or 0)
+
+
+async def _count_live(conn: AsyncConnection, source: str, known: int) -> int:
     f = features.c
-    query = select(func.count()).where(f.source == source, f.deleted_at.is_(None))
+    query = select(func.count()).where(f.source == source, f.deleted_at.is_(None), f.id <= known)
     return int((await conn.execute(query)).scalar_one())
 
 
 async def _live_rows(
-    conn: AsyncConnection, source: str, listing: Listing
+    conn: AsyncConnection, source: str, listing: Listing, known: int
 ) -> AsyncIterator[tuple[int, Key, int]]:
+    """Live rows of the listing's part that existed before the snapshot (id <= known)."""
     f = features.c
     query = select(f.id, f.collection, f.kind, f.external_id, f.version).where(
-        f.source == source, f.deleted_at.is_(None)
+        f.source == source, f.deleted_at.is_(None), f.id <= known
     )
     if listing.kinds is not None:
         query = query.where(f.kind.in_(sorted(listing.kinds)))

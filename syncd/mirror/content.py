@@ -10,7 +10,6 @@ from typing import Any
 
 from syncd.records import JSON, KEEP, Record
 
-
 _CANONICAL = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )

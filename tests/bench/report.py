@@ -97,7 +97,8 @@ class Report:
             "transaction, same pragmas (rows prepared untimed). *apply floor* = that insert "
             "alone. *sandbox serve* = the simulator building and sending the since/0 "
             "response (inside the initial sync's time, not syncd's work). Peak RSS is the "
-            "sync process's own `ru_maxrss` (a child process).",
+            "sync process's own high-water mark (`VmHWM`; `ru_maxrss` would include the RSS the "
+            "child inherited from the benchmark at fork).",
         ]
         return "\n".join(lines) + "\n"
 

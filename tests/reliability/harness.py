@@ -33,6 +33,8 @@ class Result:
     code: int
     stdout: str
     stderr: str
+    peak_rss_kb: int = 0
+    """The process's resident high-water mark (VmHWM), last read while it ran."""
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
@@ -81,13 +83,37 @@ async def syncd(
         env=env if env is not None else child_env(),
     )
     communicate = asyncio.ensure_future(process.communicate())
+    peak = asyncio.ensure_future(_high_water_kb(process.pid, communicate))
     if kill_after is not None:
         done, _ = await asyncio.wait({communicate}, timeout=kill_after)
         if not done:
             process.send_signal(signal.SIGKILL)
     out, err = await asyncio.wait_for(communicate, timeout=limit)
     assert process.returncode is not None
-    return Result(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    return Result(
+        process.returncode,
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+        await peak,
+    )
+
+
+async def _high_water_kb(pid: int, running: asyncio.Future[Any]) -> int:
+    """VmHWM of a child, read every 20 ms until it ends: the kernel keeps the peak, so
+    only growth in the last 20 ms could be missed. (`ru_maxrss` of children is no use:
+    Linux counts the RSS the child shared with this big test process at fork.)"""
+    peak = 0
+    status = Path(f"/proc/{pid}/status")
+    while not running.done():
+        try:
+            text = status.read_text()  # noqa: ASYNC240 - procfs answers from memory
+        except OSError:
+            break
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+        await asyncio.wait({running}, timeout=0.02)
+    return peak
 
 
 # Alembic keeps module-global state: one upgrade at a time in this process (per event loop,

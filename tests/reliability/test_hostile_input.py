@@ -8,7 +8,6 @@ unrepresentable object must cost that object (`record.skipped`), never the scope
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -146,13 +145,12 @@ async def large_map(sandbox: Sandbox, tmp_path: Path, objects: int) -> dict[str,
     assert result.code == 0, (failures, result.stderr[-2000:])
     [finished] = [e for e in result.events() if e["event"] == "sync.finished"]
     assert finished["inserted"] == objects + 1  # the map itself too
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb)}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(result.peak_rss_kb / 1024)}
 
 
 async def test_large_map_sample(sandbox: Sandbox, tmp_path: Path) -> None:
     figures = await large_map(sandbox, tmp_path, 5_000)
-    assert figures["peak_rss_mb"] < 600
+    assert 0 < figures["peak_rss_mb"] < 200
 
 
 @pytest.mark.reliability
@@ -160,4 +158,5 @@ async def test_large_map_sample(sandbox: Sandbox, tmp_path: Path) -> None:
 async def test_map_of_200k_objects(sandbox: Sandbox, tmp_path: Path) -> None:
     figures = await large_map(sandbox, tmp_path, 200_000)
     record("hostile_large_map", objects=200_000, **{k: int(v) for k, v in figures.items()})
-    assert figures["peak_rss_mb"] < 2048
+    # Streamed (issue 6): 197 MB on the 2-core CI machine, where parsing whole took 830 MB.
+    assert 0 < figures["peak_rss_mb"] < 400
