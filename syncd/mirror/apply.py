@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd.mirror.content import Content, content_of, merge
 from syncd.mirror.database import Database
-from syncd.mirror.models import changes, cursors, features, runs
+from syncd.mirror.models import UtcDateTime, changes, cursors, features, runs
 from syncd.mirror.upsert import insert_ignore, upsert
 from syncd.records import Key, Listing, Record, Snapshot
 
@@ -133,11 +133,7 @@ async def _apply(
     conn: AsyncConnection, source: str, snapshot: Snapshot, guard: DeleteGuard, now: datetime
 ) -> ApplyResult:
     result = ApplyResult(scope=snapshot.scope)
-    present: set[Key] = set()
-    restored: set[int] = set()
-    # Rows this snapshot inserts get ids above `known`: ids only grow, on SQLite as from
-    # a PostgreSQL sequence, so the guard can tell them from rows that were live before.
-    known = await _max_id(conn)
+    seen = _Seen(known=await _max_id(conn))
     # Records are written a chunk at a time, so a streamed answer is never held whole;
     # the guard's verdict below still rolls back all of it (one transaction).
     for chunk in _batches(snapshot.records):
@@ -146,18 +142,19 @@ async def _apply(
             source,
             snapshot.scope,
             chunk,
-            present=present,
-            restored=restored,
+            seen=seen,
             result=result,
             now=now,
         )
 
     # The guard weighs the rows that were live before this snapshot.
-    doomed = await _tombstones(conn, source, snapshot, present, known=known, restored=restored)
+    doomed = await _tombstones(conn, source, snapshot, seen)
     tombstones = sorted(doomed.rows.items())
     if tombstones:
         cascaded = len(tombstones) > doomed.primary
-        source_live = await _count_live(conn, source, known) - len(restored) if cascaded else None
+        source_live = (
+            await _count_live(conn, source, seen.known) - len(seen.restored) if cascaded else None
+        )
         if guard.holds(doomed.primary, doomed.live, total=len(tombstones), source_live=source_live):
             live = doomed.live if source_live is None else source_live
             held = HeldDeletion(snapshot.scope, len(tombstones), live)
@@ -184,13 +181,12 @@ async def _write_records(
     scope: str,
     chunk: list[Record],
     *,
-    present: set[Key],
-    restored: set[int],
+    seen: _Seen,
     result: ApplyResult,
     now: datetime,
 ) -> None:
-    """Insert, update or restore one chunk's records; add their keys to `present` and
-    the ids of the rows they restored to `restored`.
+    """Insert, update or restore one chunk's records; note in `seen` the older rows
+    they carried.
 
     A key repeated within the chunk folds into one write; one repeated in a later chunk
     is merged with what this transaction already wrote (same final content).
@@ -207,8 +203,8 @@ async def _write_records(
             id=key[2],
             reason="its identity has a NUL character, which SQL text cannot hold",
         )
-    present.update(records)
     stored = await _load_stored(conn, source, records.keys())
+    seen.carried.update(row.id for row in stored.values())
     partial_ids = [
         stored[k].id for k, chain in records.items() if k in stored and chain[0].is_partial
     ]
@@ -244,28 +240,53 @@ async def _write_records(
         else:
             result.unchanged += 1
 
-    change_rows: list[dict[str, Any]] = []
     if inserts:
-        # A plain executemany, then the new ids by index lookups: INSERT .. RETURNING in
-        # parameter order costs SQLAlchemy a statement per row on SQLite, 7x slower
-        # (tests/bench, issue 7).
+        # A plain executemany, then their change rows by one INSERT .. SELECT of the rows
+        # above the chunk's starting id: RETURNING in parameter order costs SQLAlchemy a
+        # statement per row on SQLite (7x slower), reading the ids back 1 s per 100k
+        # rows (tests/bench, issue 7).
+        floor = await _max_id(conn)
         await conn.execute(insert(features), inserts)
-        inserted = [(row["collection"], row["kind"], row["external_id"]) for row in inserts]
-        new_ids = await _load_stored(conn, source, inserted)
-        change_rows += [_change(new_ids[key].id, source, "insert", 1, now) for key in inserted]
+        await conn.execute(_insert_changes(source, floor, now))
         result.inserted += len(inserts)
     if updates:
         await conn.execute(_UPDATE_CONTENT, updates)
-        change_rows += [
-            _change(u["b_id"], source, op, u["b_version"], now)
-            for u, op in zip(updates, update_ops, strict=True)
-        ]
+        await conn.execute(
+            insert(changes),
+            [
+                _change(u["b_id"], source, op, u["b_version"], now)
+                for u, op in zip(updates, update_ops, strict=True)
+            ],
+        )
         restores = [u["b_id"] for u, op in zip(updates, update_ops, strict=True) if op == "restore"]
-        restored.update(restores)
+        seen.restored.update(restores)
         result.restored += len(restores)
         result.updated += len(updates) - len(restores)
-    if change_rows:
-        await conn.execute(insert(changes), change_rows)
+
+
+@dataclass
+class _Seen:
+    """What the guard must know of the rows a snapshot's records reached."""
+
+    known: int
+    """The largest id before the snapshot: ids only grow (SQLite rowids, PostgreSQL
+    sequences), so rows above it are the snapshot's own inserts."""
+    carried: set[int] = field(default_factory=set)
+    """Older rows the snapshot carried (unchanged, updated, restored): present."""
+    restored: set[int] = field(default_factory=set)
+    """Older rows it brought back: not live before it, so not in the guard's count."""
+
+
+def _insert_changes(source: str, floor: int, now: datetime) -> Any:
+    """The `insert` change rows of the rows a chunk just inserted (ids above `floor`)."""
+    f = features.c
+    new_rows = (
+        select(f.id, f.source, literal("insert"), literal(1), literal(now, UtcDateTime()))
+        .where(f.source == source, f.id > floor, f.first_seen_at == now, f.version == 1)
+        .order_by(f.id)
+    )
+    columns = ["feature_id", "source", "op", "version", "at"]
+    return insert(changes).from_select(columns, new_rows)
 
 
 def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
@@ -348,32 +369,27 @@ class _Doomed:
 
 
 async def _tombstones(
-    conn: AsyncConnection,
-    source: str,
-    snapshot: Snapshot,
-    present: set[Key],
-    *,
-    known: int,
-    restored: set[int],
+    conn: AsyncConnection, source: str, snapshot: Snapshot, seen: _Seen
 ) -> _Doomed:
     """Live rows the snapshot proves gone, with what the mass-delete guard weighs."""
     doomed: dict[int, int] = {}
     primary: set[int] = set()
     examined: set[int] = set()
     for listing in snapshot.listings:
-        async for fid, key, version in _live_rows(conn, source, listing, known):
-            if fid in restored:
+        async for fid, key, version in _live_rows(conn, source, listing, seen.known):
+            if fid in seen.restored:
                 continue
             if not listing.cascade:
                 examined.add(fid)
-            if key not in present and key not in listing.keys:
+            if fid not in seen.carried and key not in listing.keys:
                 doomed[fid] = version
                 if not listing.cascade:
                     primary.add(fid)
-    explicit = [k for k in snapshot.deleted if k not in present and _storable(k)]
+    explicit = [k for k in snapshot.deleted if _storable(k)]
     if explicit:
         for row in (await _load_stored(conn, source, explicit)).values():
-            if not row.deleted:
+            # Not a row the snapshot itself carried or created: its records win.
+            if not row.deleted and row.id not in seen.carried and row.id <= seen.known:
                 examined.add(row.id)
                 primary.add(row.id)
                 doomed[row.id] = row.version
