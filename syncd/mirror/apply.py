@@ -298,7 +298,8 @@ def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
 def _storable(key: Key) -> bool:
     """False for identities with a NUL: PostgreSQL text refuses it even as a query
     parameter (issue 6: one such id failed its whole source on PostgreSQL)."""
-    return not any("\x00" in part for part in key)
+    collection, kind, external_id = key
+    return "\x00" not in collection and "\x00" not in kind and "\x00" not in external_id
 
 
 def _by_key(records: list[Record]) -> dict[Key, list[Record]]:

@@ -63,8 +63,10 @@ class UtcDateTime(TypeDecorator[datetime]):
         last: list[tuple[Any, Any]] = [(None, None)]  # one cell: swapped whole, thread-safe
 
         def remembered(value: Any) -> Any:
+            if value is None:  # deleted_at of every live row
+                return None
             seen, result = last[0]
-            if value is None or value is not seen:
+            if value is not seen:
                 result = convert(value)
                 last[0] = (value, result)
             return result
