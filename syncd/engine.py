@@ -81,11 +81,18 @@ class Engine:
     ) -> RunOutcome:
         """One pass over every scope of the source; never raises for a source's failure.
 
-        Passes of one source never overlap on a SQLite file: a second process waits
+        Passes of one source never overlap on a mirror: a second process waits
         (syncd.mirror.lock), so nothing is fetched or applied twice.
         """
-        async with source_lock(self.db, settings.name):
-            return await self._sync(settings, full=full, allow_mass_delete=allow_mass_delete)
+        try:
+            async with source_lock(self.db, settings.name):
+                return await self._sync(settings, full=full, allow_mass_delete=allow_mass_delete)
+        except StorageError as err:  # the lock could not be taken: no run was opened
+            outcome = RunOutcome(source=settings.name, status="failed", error=err.message)
+            structlog.contextvars.bind_contextvars(source=settings.name)
+            await self._close(outcome, time.monotonic())
+            structlog.contextvars.unbind_contextvars("source")
+            return outcome
 
     async def _sync(
         self, settings: SourceSettings, *, full: bool, allow_mass_delete: bool
