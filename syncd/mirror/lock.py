@@ -18,15 +18,19 @@ it held:
   mirrors on one server never wait for each other. Two source names with the same
   CRC-32 would only take turns, never run a pass of the same source twice.
 
-Holding the lock is also a proof: no other pass of that source is running anywhere.
-A mirror with no lock (in-memory SQLite, a `file:` URI) proves nothing (`source_lock`
-yields False).
+Holding the lock is also a proof: no other pass of that source is running on this
+mirror, so the source's runs rows still `running` were left by a process that ended
+mid-run, and the engine closes them as `failed` (`run.interrupted`). A mirror with no
+lock (in-memory SQLite, a `file:` URI) proves nothing and gets no such clean-up
+(`source_lock` yields False).
 
 Limits: the lock is only as good as everyone taking it. The SQLite lock file is found
 by the database path as configured (a symlinked path gets a lock of its own); on
 PostgreSQL, a lock session that is cut mid-pass (server restart, a connection killed
 by an idle timeout) frees the lock while the pass goes on, and a second pass may then
-start beside it.
+start and close the first's row early; the first rewrites it when it finishes. A host
+that loses power holds its PostgreSQL lock until the server notices the connection is
+gone (its TCP keepalive settings), so the other processes wait that long.
 """
 
 from __future__ import annotations

@@ -158,6 +158,18 @@ def cursors_of(db_file: Path) -> dict[tuple[str, str], str]:
         conn.close()
 
 
+def runs_of(db_file: Path) -> list[tuple[int, str, str | None]]:
+    """Every runs row as (id, status, error), oldest first."""
+    conn = sqlite3.connect(db_file)
+    try:
+        return [
+            (int(i), str(status), error)
+            for i, status, error in conn.execute("SELECT id, status, error FROM runs ORDER BY id")
+        ]
+    finally:
+        conn.close()
+
+
 def assert_matches_world(
     state: dict[tuple[str, str, str, str], dict[str, Any]],
     worlds: Worlds,
