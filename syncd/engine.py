@@ -2,7 +2,9 @@
 
 A failing scope is logged and skipped (the run ends `partial`); a failing source
 ends its own run `failed` and never touches another source (ARCHITECTURE.md §1 rule 6).
-Exactly one canonical line closes each run: `sync.finished` or `sync.failed`.
+Exactly one canonical line closes each run: `sync.finished` or `sync.failed`. A run
+whose process died cannot close itself; the next pass of its source, holding the
+source's lock (syncd.mirror.lock), closes it `failed` (`run.interrupted`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from syncd.http import HttpClient, RetryPolicy
 from syncd.mirror import Database, DeleteGuard, Mirror
 from syncd.mirror.apply import ApplyResult, RowCounts
 from syncd.mirror.lock import source_lock
-from syncd.mirror.store import finish_run, load_cursors, start_run
+from syncd.mirror.store import INTERRUPTED, finish_run, load_cursors, start_run
 from syncd.records import ScopeFailed, Snapshot
 from syncd.settings import SourceSettings
 from syncd.sources import SOURCE_TYPES
@@ -81,20 +83,29 @@ class Engine:
     ) -> RunOutcome:
         """One pass over every scope of the source; never raises for a source's failure.
 
-        Passes of one source never overlap on a SQLite file: a second process waits
+        Passes of one source never overlap on a mirror: a second process waits
         (syncd.mirror.lock), so nothing is fetched or applied twice.
         """
-        async with source_lock(self.db, settings.name):
-            return await self._sync(settings, full=full, allow_mass_delete=allow_mass_delete)
+        try:
+            async with source_lock(self.db, settings.name) as exclusive:
+                return await self._sync(
+                    settings, full=full, allow_mass_delete=allow_mass_delete, exclusive=exclusive
+                )
+        except StorageError as err:  # the lock could not be taken: no run was opened
+            outcome = RunOutcome(source=settings.name, status="failed", error=err.message)
+            structlog.contextvars.bind_contextvars(source=settings.name)
+            await self._close(outcome, time.monotonic())
+            structlog.contextvars.unbind_contextvars("source")
+            return outcome
 
     async def _sync(
-        self, settings: SourceSettings, *, full: bool, allow_mass_delete: bool
+        self, settings: SourceSettings, *, full: bool, allow_mass_delete: bool, exclusive: bool
     ) -> RunOutcome:
         outcome = RunOutcome(source=settings.name)
         started = time.monotonic()
         structlog.contextvars.bind_contextvars(source=settings.name)
         try:
-            await self._start(outcome, full)
+            await self._start(outcome, full, exclusive)
             structlog.contextvars.bind_contextvars(run_id=outcome.run_id)
             log.info("sync.started", full=full)
             await self._pass(settings, outcome, full=full, allow=allow_mass_delete)
@@ -129,17 +140,26 @@ class Engine:
             await closing  # finish the bookkeeping, then let the cancellation through
             raise
 
-    async def _start(self, outcome: RunOutcome, full: bool) -> None:
-        """Open the run row; if cancelled meanwhile, still learn its id so it gets closed."""
+    async def _start(self, outcome: RunOutcome, full: bool, exclusive: bool) -> None:
+        """Open the run row; if cancelled meanwhile, still learn its id so it gets closed.
+
+        `exclusive`: this pass holds the source's lock, so rows of the source still
+        `running` were left by a process that died mid-run; they are closed with it.
+        """
         opening = asyncio.ensure_future(
-            start_run(self.db, outcome.source, self._clock(), full=full)
+            start_run(
+                self.db, outcome.source, self._clock(), full=full, close_interrupted=exclusive
+            )
         )
         try:
-            outcome.run_id = await asyncio.shield(opening)
+            opened = await asyncio.shield(opening)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                outcome.run_id = await opening
+                outcome.run_id = (await opening).id
             raise
+        outcome.run_id = opened.id
+        if opened.interrupted:
+            log.warning("run.interrupted", run_ids=opened.interrupted, error=INTERRUPTED)
 
     async def _pass(
         self, settings: SourceSettings, outcome: RunOutcome, *, full: bool, allow: bool

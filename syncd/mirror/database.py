@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from syncd import faults
 from syncd.errors import ConfigError, StorageError
@@ -59,6 +62,7 @@ class Database:
         else:
             self.engine = create_async_engine(self.url, pool_pre_ping=True)
         faults.install(self.engine.sync_engine)  # a test hook; inert unless armed
+        self._unpooled: AsyncEngine | None = None
 
     @property
     def display_url(self) -> str:
@@ -89,6 +93,30 @@ class Database:
             # asyncpg raises plain OSError (refused, unreachable) before SQLAlchemy wraps it
             raise StorageError(f"database read failed: {_describe(err)}") from err
 
+    @asynccontextmanager
+    async def dedicated(self) -> AsyncIterator[AsyncConnection]:
+        """A connection of its own in autocommit, outside the pool, really closed at the end.
+
+        For session state that must end with the block, or with the process: a PostgreSQL
+        advisory lock (syncd.mirror.lock). It never takes a slot of the pool the passes
+        write through, and no transaction stays open while it is held.
+        """
+        if self._unpooled is None:
+            self._unpooled = create_async_engine(self.url, poolclass=NullPool)
+        try:
+            plain = await self._unpooled.connect()
+        except (SQLAlchemyError, OSError) as err:
+            raise StorageError(f"database connection failed: {_describe(err)}") from err
+        try:
+            yield await plain.execution_options(isolation_level="AUTOCOMMIT")
+        except (SQLAlchemyError, OSError) as err:
+            raise StorageError(f"database read failed: {_describe(err)}") from err
+        finally:
+            # Shielded: a cancelled caller must not leave the session (and its locks) open.
+            # A connection already lost has nothing left to release.
+            with contextlib.suppress(SQLAlchemyError, OSError):
+                await asyncio.shield(plain.close())
+
     async def upgrade(self, revision: str = "head") -> None:
         """Bring the schema to `revision`; safe when several processes start at once."""
         async with self.write() as conn:
@@ -105,6 +133,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._unpooled is not None:
+            await self._unpooled.dispose()
 
 
 def head_revision() -> str | None:

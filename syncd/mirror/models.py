@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -138,7 +139,17 @@ class Run(Base):
     """One sync of one source."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index(None, "source", "id"),)
+    __table_args__ = (
+        Index(None, "source", "id"),
+        # The rows every pass looks for (runs left `running` by a dead process,
+        # syncd.mirror.store.start_run): found without reading the source's history.
+        Index(
+            "ix_runs_running",
+            "source",
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(String(64))

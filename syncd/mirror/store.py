@@ -21,9 +21,37 @@ async def load_cursors(db: Database, source: str) -> dict[str, str]:
         return {scope: cursor for scope, cursor in rows}
 
 
-async def start_run(db: Database, source: str, now: datetime, *, full: bool) -> int:
-    """Open a `running` row; its counters grow in each snapshot's own transaction."""
+INTERRUPTED = "interrupted: the process ended before the run finished"
+"""The error of a run closed by a later pass because its own process died mid-run."""
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """A new `running` row, and the rows left `running` that were closed with it."""
+
+    id: int
+    interrupted: list[int]
+
+
+async def start_run(
+    db: Database, source: str, now: datetime, *, full: bool, close_interrupted: bool
+) -> OpenedRun:
+    """Open a `running` row; its counters grow in each snapshot's own transaction.
+
+    With `close_interrupted` (the caller holds the source's pass lock, so no other pass
+    of it runs: syncd.mirror.lock), the source's rows still `running` were left by a
+    process that ended mid-run; they are closed `failed` in the same transaction.
+    """
     async with db.write() as conn:
+        interrupted: list[int] = []
+        if close_interrupted:
+            closed = await conn.execute(
+                update(runs)
+                .where(runs.c.source == source, runs.c.status == "running")
+                .values(status="failed", finished_at=now, error=INTERRUPTED)
+                .returning(runs.c.id)
+            )
+            interrupted = sorted(int(i) for i in closed.scalars())
         result = await conn.execute(
             insert(runs)
             .values(
@@ -41,7 +69,7 @@ async def start_run(db: Database, source: str, now: datetime, *, full: bool) -> 
             )
             .returning(runs.c.id)
         )
-        return int(result.scalar_one())
+        return OpenedRun(int(result.scalar_one()), interrupted)
 
 
 async def finish_run(

@@ -105,6 +105,8 @@ class KatapultWorld:
         self.refill_period = refill_period
         self.min_interval = min_interval
         self.jobs: dict[str, KatapultJob] = {}
+        self.deleted_jobs: dict[str, KatapultJob] = {}
+        """Jobs removed by `delete_job`, as they were: what a mirror must keep as tombstones."""
         self.faults: list[Fault] = []
         self.request_log: list[LoggedRequest] = []
         self.tokens = allotment
@@ -162,8 +164,8 @@ class KatapultWorld:
         self.touch(job_id)
 
     def delete_job(self, job_id: str) -> None:
-        """Remove a job: its routes answer 404 `not_found`."""
-        del self.jobs[job_id]
+        """Remove a job: it leaves the job list and its routes answer 404 `not_found`."""
+        self.deleted_jobs[job_id] = self.jobs.pop(job_id)
 
     def touch(self, job_id: str) -> str:
         """Stamp the job's `last_updated` (every change inside a job does)."""

@@ -184,15 +184,30 @@ def cursors_of(db_file: Path) -> dict[tuple[str, str], str]:
         conn.close()
 
 
+def runs_of(db_file: Path) -> list[tuple[int, str, str | None]]:
+    """Every runs row as (id, status, error), oldest first."""
+    conn = sqlite3.connect(db_file)
+    try:
+        return [
+            (int(i), str(status), error)
+            for i, status, error in conn.execute("SELECT id, status, error FROM runs ORDER BY id")
+        ]
+    finally:
+        conn.close()
+
+
 def assert_matches_world(
     state: dict[tuple[str, str, str, str], dict[str, Any]],
     worlds: Worlds,
     platforms: tuple[Platform, ...],
 ) -> None:
     """Live rows are exactly the upstream's live objects (name, geometry); the rest are
-    tombstones, never lost rows."""
+    tombstones, never lost rows: every object of a deleted container is one."""
     for platform in platforms:
         expected = platform.expected(worlds)
         rows = {k[1:]: v for k, v in state.items() if k[0] == platform.name}
         live = {k: (v["name"], v["geometry"]) for k, v in rows.items() if v["live"]}
         assert live == expected, f"{platform.name}: live rows differ from the sandbox world"
+        tombstones = {k for k, v in rows.items() if not v["live"]}
+        missing = sorted(platform.gone(worlds) - tombstones)
+        assert not missing, f"{platform.name}: deleted upstream, not tombstoned: {missing}"

@@ -20,6 +20,11 @@ from syncd.sandbox.server import Worlds
 
 # (collection, kind, external_id) -> (name, geometry) of every live object upstream
 Expected = dict[tuple[str, str, str], tuple[Any, Any]]
+Key = tuple[str, str, str]
+
+
+def _none_gone(_worlds: Worlds) -> set[Key]:
+    return set()
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class Platform:
     # `syncd` processes the crash suite may run at once against this platform's one key:
     # Katapult's 50 ms rule is per key, so parallel clients would only refuse each other.
     parallel: int = 4
+    # Objects the mutation removed with their container (a whole job), by key: each must
+    # be in the mirror as a tombstone, not live and not lost.
+    gone: Callable[[Worlds], set[Key]] = _none_gone
 
 
 # ---- CalTopo ---------------------------------------------------------------------------
@@ -165,13 +173,30 @@ def _kartorium_revoke(worlds: Worlds) -> None:
 # ---- Katapult --------------------------------------------------------------------------
 
 
+SMALL_JOB = "Short survey"
+
+
 def _katapult_build(worlds: Worlds) -> None:
-    katapult_sandbox.populate(worlds.katapult, jobs=2, poles=4, seed=7)
+    world = worlds.katapult
+    katapult_sandbox.populate(world, jobs=2, poles=4, seed=7)
+    # The job the mutation deletes whole: one of each kind, 7 rows. Kept under the
+    # mass-delete guard's `mass_delete_min_rows` (10) on purpose: a job that answers 404
+    # is all of its own scope, so the guard would hold a larger one (see DeleteGuard),
+    # and this suite checks the job-gone cascade, not the guard.
+    small = world.add_job(SMALL_JOB, metadata={"city": "Buffalo"})
+    a = world.add_node(small, 42.93, -78.86, {"node_type": "pole", "scid": "s1"})
+    b = world.add_node(small, 42.931, -78.861, {"node_type": "pole", "scid": "s2"})
+    span = world.add_connection(small, a, b, {"connection_type": "aerial cable"})
+    world.add_section(small, span, 42.9305, -78.8605, {"section_type": "midpoint"})
+    world.add_photo(small, a)
+    world.add_trace(small, "equipment", {"company": "Sandbox Power"})
 
 
 def _katapult_mutate(worlds: Worlds) -> None:
     world = worlds.katapult
-    first, second = sorted(world.jobs)
+    by_name = {job.data["name"]: job_id for job_id, job in world.jobs.items()}
+    first, second = by_name["Sandbox Pole Survey 1"], by_name["Sandbox Pole Survey 2"]
+    world.delete_job(by_name[SMALL_JOB])  # gone from the job list, and 404 on its status
     nodes = sorted(world.jobs[first].nodes)
     world.move_node(first, nodes[0], 42.95, -78.8)
     world.set_node_attributes(first, nodes[1], {"node_type": "pole", "note": "re-tagged"})
@@ -183,23 +208,33 @@ def _katapult_mutate(worlds: Worlds) -> None:
 
 
 def _katapult_expected(worlds: Worlds) -> Expected:
-    world = worlds.katapult
     out: Expected = {}
-    for job_id, job in world.jobs.items():
-        out[job_id, "job", job_id] = (job.data["name"], None)
-        where = {n: [raw["longitude"], raw["latitude"]] for n, raw in job.nodes.items()}
-        for node_id in job.nodes:
-            out[job_id, "node", node_id] = (None, {"type": "Point", "coordinates": where[node_id]})
-        for conn_id, conn in job.connections.items():
-            line = [where[conn["node_id_1"]], where[conn["node_id_2"]]]
-            out[job_id, "connection", conn_id] = (None, {"type": "LineString", "coordinates": line})
-            for section_id, section in conn["sections"].items():
-                at = [section["longitude"], section["latitude"]]
-                out[job_id, "section", section_id] = (None, {"type": "Point", "coordinates": at})
-        for photo_id in job.photos:
-            out[job_id, "photo", photo_id] = (None, None)
-        for trace_id in job.traces:
-            out[job_id, "trace", trace_id] = (None, None)
+    for job_id, job in worlds.katapult.jobs.items():
+        out.update(_katapult_job(job_id, job))
+    return out
+
+
+def _katapult_gone(worlds: Worlds) -> set[Key]:
+    """Everything of each deleted job: the job-gone cascade must tombstone it all."""
+    world = worlds.katapult
+    return {key for job_id, job in world.deleted_jobs.items() for key in _katapult_job(job_id, job)}
+
+
+def _katapult_job(job_id: str, job: katapult_sandbox.KatapultJob) -> Expected:
+    out: Expected = {(job_id, "job", job_id): (job.data["name"], None)}
+    where = {n: [raw["longitude"], raw["latitude"]] for n, raw in job.nodes.items()}
+    for node_id in job.nodes:
+        out[job_id, "node", node_id] = (None, {"type": "Point", "coordinates": where[node_id]})
+    for conn_id, conn in job.connections.items():
+        line = [where[conn["node_id_1"]], where[conn["node_id_2"]]]
+        out[job_id, "connection", conn_id] = (None, {"type": "LineString", "coordinates": line})
+        for section_id, section in conn["sections"].items():
+            at = [section["longitude"], section["latitude"]]
+            out[job_id, "section", section_id] = (None, {"type": "Point", "coordinates": at})
+    for photo_id in job.photos:
+        out[job_id, "photo", photo_id] = (None, None)
+    for trace_id in job.traces:
+        out[job_id, "trace", trace_id] = (None, None)
     return out
 
 
@@ -261,6 +296,7 @@ KATAPULT = Platform(
     revoke=_katapult_revoke,
     one_scope=lambda w: f"/jobs/{min(w.katapult.jobs)}",
     parallel=1,
+    gone=_katapult_gone,
 )
 
 PLATFORMS = (CALTOPO, KARTORIUM, KATAPULT)

@@ -7,7 +7,8 @@ world, lets a subprocess sync the changed world until the fault hook (syncd/faul
 or a timer SIGKILLs it, restarts it cleanly, and then requires: `PRAGMA integrity_check`
 ok; the mirror equal, row by row (live and tombstoned, name, geometry, properties,
 version, change-feed ops), to a mirror that synced the same change without a crash;
-and its live rows equal to the sandbox world.
+its live rows equal to the sandbox world; and no run left `running` (the restart
+closes the killed pass's row as interrupted).
 
 The default run takes a sample of points; `make test-reliability` (`-m reliability`)
 walks every statement, commit and request of a pass, plus random-delay kills.
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from syncd.mirror.store import INTERRUPTED
 from tests.conftest import Sandbox
 from tests.reliability.harness import (
     KILLED,
@@ -32,6 +34,7 @@ from tests.reliability.harness import (
     child_env,
     integrity,
     mirror_state,
+    runs_of,
     sync_in_process,
     syncd,
     write_config,
@@ -51,6 +54,7 @@ class Scenario:
     tmp: Path
     template: Path
     reference: dict[Any, Any]
+    template_runs: int = 0  # the id of the template's last run
     outcomes: Counter[str] = field(default_factory=Counter)
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PARALLEL))
 
@@ -74,6 +78,7 @@ async def prepare(sandbox: Sandbox, platform: Platform, tmp: Path) -> Scenario:
         sandbox, platform, tmp, template, {}, gate=asyncio.Semaphore(platform.parallel)
     )
     assert await sync_in_process(scenario.config(template)) == ["ok"]
+    scenario.template_runs = runs_of(template)[-1][0]
     platform.mutate(sandbox.worlds)
     reference = tmp / "reference.db"
     copy_db(template, reference)
@@ -110,8 +115,16 @@ async def crash_and_recover(scenario: Scenario, point: str | float) -> bool:
         }
         assert not diff, f"{label}: mirror differs from the crash-free run: {diff}"
         assert_matches_world(state, scenario.sandbox.worlds, (scenario.platform,))
-        db_file.unlink()
         killed = crashed.code == KILLED
+        runs = runs_of(db_file)
+        assert not [r for r in runs if r[1] == "running"], f"{label}: a run left running: {runs}"
+        *before_restart, restarted = [r[1:] for r in runs if r[0] > scenario.template_runs]
+        assert restarted == ("ok", None), label
+        # The killed pass had not opened its run, or the restart closed it as interrupted,
+        # or it was killed after closing it itself.
+        allowed = [[], [("failed", INTERRUPTED)], [("ok", None)]] if killed else [[("ok", None)]]
+        assert before_restart in allowed, f"{label}: {before_restart}"
+        db_file.unlink()
         scenario.outcomes["killed" if killed else "completed"] += 1
         return killed
 
