@@ -285,9 +285,11 @@ class KatapultSource:
             status = await self._data(f"/jobs/{quote(job_id)}/status")
         except NotFoundError:
             log.info("katapult.job_gone", source=self.name, job=job_id)
+            # A cascade of the complete job list, as a map gone from a CalTopo account:
+            # the guard weighs it against the source's whole mirror, not the job itself.
             return Snapshot(
                 scope=scope,
-                listings=(Listing(frozenset({job_id}), frozenset()),),
+                listings=(Listing(frozenset({job_id}), frozenset(), cascade=True),),
                 drop_cursors=frozenset({scope}),
             )
         if status.get("status") == "archived" and not self.settings.include_archived:

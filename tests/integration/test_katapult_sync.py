@@ -154,8 +154,8 @@ async def test_deleted_node_connection_and_job_are_tombstoned(
     sandbox: Sandbox, engine: Engine, db: Database
 ) -> None:
     world = sandbox.katapult
-    keep, gone = populate(world, jobs=2, poles=3, seed=5)
-    settings = sandbox.katapult_settings(allow_mass_delete=True)
+    keep, gone, other = populate(world, jobs=3, poles=3, seed=5)
+    settings = sandbox.katapult_settings()  # one job of three is no mass delete
     await engine.sync(settings)
     job = world.jobs[keep]
     first_node = next(iter(job.nodes))
@@ -177,9 +177,31 @@ async def test_deleted_node_connection_and_job_are_tombstoned(
     assert {("section", s) for s in lone_sections} <= dead
     gone_rows = [r for r in rows if r["collection"] == gone]
     assert gone_rows and all(r["deleted_at"] is not None for r in gone_rows)
-    assert live(rows).keys() == expected_keys(world, keep)
+    assert live(rows).keys() == expected_keys(world, keep) | expected_keys(world, other)
     assert f"job:{gone}" not in await stored_cursors(db, "poles")
     assert any(e["event"] == "katapult.job_gone" for e in logs)
+    assert not any(e["event"] == "sync.deletions_held" for e in logs)
+
+
+async def test_the_only_job_gone_is_held_as_a_mass_delete(
+    sandbox: Sandbox, engine: Engine, db: Database
+) -> None:
+    """A job gone from the list is a cascade, weighed against the whole source as a map
+    gone from a CalTopo account is: losing everything (a revoked key) waits for an operator."""
+    world = sandbox.katapult
+    [only] = populate(world, jobs=1, poles=3, seed=5)
+    await engine.sync(sandbox.katapult_settings())
+    before = await mirror_rows(db, "poles")
+    world.delete_job(only)
+
+    with capture_logs() as logs:
+        held = await engine.sync(sandbox.katapult_settings())
+
+    assert (held.status, held.held) == ("partial", len(before))
+    assert await mirror_rows(db, "poles") == before
+    assert [e["scope"] for e in logs if e["event"] == "sync.deletions_held"] == [f"job:{only}"]
+    applied = await engine.sync(sandbox.katapult_settings(), allow_mass_delete=True)
+    assert (applied.status, applied.deleted) == ("ok", len(before))
 
 
 async def test_failed_nodes_listing_tombstones_nothing(
