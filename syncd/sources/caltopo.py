@@ -232,14 +232,13 @@ class CalTopoSource:
         document = await self.http.get_document(f"{self.settings.base_url}{path}")
         try:
             answer = _map_answer(document, path)
+            ids = None if answer.ids is None else _ids_keys(answer.ids, map_id)
         except BaseException:
             document.close()
             raise
         stream = _RecordStream(answer.features, map_id, self.name, on_done=document.close)
-        keys: Container[Key] | None = None
-        if answer.ids is not None:
-            keys = _ids_keys(answer.ids, map_id)
-        elif since == 0:
+        keys: Container[Key] | None = ids
+        if ids is None and since == 0:
             # A since/0 answer is the map's whole state: its records are present by
             # construction; so are the features skipped as unusable (if identifiable).
             keys = _SkippedKeys(stream)
