@@ -204,7 +204,10 @@ async def _write_records(
             reason="its identity has a NUL character, which SQL text cannot hold",
         )
     stored = await _load_stored(conn, source, records.keys())
-    seen.carried.update(row.id for row in stored.values())
+    # A key an earlier chunk already reached is folded into that write, as a key
+    # repeated within one chunk is: same content, one version, one change row.
+    repeats = {row.id for row in stored.values() if row.id in seen.carried or row.id > seen.known}
+    seen.carried.update(row.id for row in stored.values() if row.id <= seen.known)
     partial_ids = [
         stored[k].id for k, chain in records.items() if k in stored and chain[0].is_partial
     ]
@@ -212,13 +215,14 @@ async def _write_records(
 
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
+    rewrites: list[dict[str, Any]] = []
     update_ops: list[str] = []
     for key, chain in records.items():
         row = stored.get(key)
         base = stored_content.get(row.id) if row is not None else None
         try:
             content = _fold(base, chain)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # NaN; nesting too deep to encode
             result.skipped += 1
             log.warning(
                 "record.skipped",
@@ -229,6 +233,14 @@ async def _write_records(
                 reason=str(err),
             )
             continue
+        if row is not None and row.id in repeats:
+            written = row.id > seen.known or row.id in seen.written
+            if row.content_hash == content.hash:
+                continue
+            if written:  # rewrite this snapshot's own write, at its version
+                rewrites.append(_update_row(row, content, now, version=row.version))
+                continue
+            result.unchanged -= 1  # counted unchanged by the earlier chunk; changed now
         if row is None:
             inserts.append(_insert_row(source, key, content, now))
         elif row.deleted:
@@ -258,10 +270,13 @@ async def _write_records(
                 for u, op in zip(updates, update_ops, strict=True)
             ],
         )
+        seen.written.update(u["b_id"] for u in updates)
         restores = [u["b_id"] for u, op in zip(updates, update_ops, strict=True) if op == "restore"]
         seen.restored.update(restores)
         result.restored += len(restores)
         result.updated += len(updates) - len(restores)
+    if rewrites:
+        await conn.execute(_UPDATE_CONTENT, rewrites)
 
 
 @dataclass
@@ -275,6 +290,8 @@ class _Seen:
     """Older rows the snapshot carried (unchanged, updated, restored): present."""
     restored: set[int] = field(default_factory=set)
     """Older rows it brought back: not live before it, so not in the guard's count."""
+    written: set[int] = field(default_factory=set)
+    """Older rows it updated or restored (its inserts are the rows above `known`)."""
 
 
 def _insert_changes(source: str, floor: int, now: datetime) -> Any:
@@ -479,10 +496,12 @@ def _insert_row(source: str, key: Key, content: Content, now: datetime) -> dict[
     }
 
 
-def _update_row(row: _Stored, content: Content, now: datetime) -> dict[str, Any]:
+def _update_row(
+    row: _Stored, content: Content, now: datetime, *, version: int | None = None
+) -> dict[str, Any]:
     return {
         "b_id": row.id,
-        "b_version": row.version + 1,
+        "b_version": row.version + 1 if version is None else version,
         "b_now": now,
         **{f"b_{k}": v for k, v in content.columns().items()},
     }

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 SIGNATURE_LIFETIME_MS = 2 * 60 * 1000  # the page's DEFAULT_TIMEOUT_MS
 CLOCK_SKEW_WARN_S = 60.0  # half the signature lifetime: beyond it, 401s are near
 MAP_CLASS = "CollaborativeMap"
+MAX_DEPTH = 512
 
 
 class CalTopoSettings(SourceSettings):
@@ -333,12 +334,17 @@ class _MapAnswer:
 def _map_answer(document: JsonDocument, path: str) -> _MapAnswer:
     """A map answer's cursor, `ids` and features, reading the body as a stream.
 
-    The `ids` pass reads the whole body (in C), proving it is JSON before anything is
-    used; the features are parsed only when the mirror pulls them. Anything but the
+    A first pass (in C) proves the body is JSON and not absurdly deep before anything
+    is used, a second reads `ids`; the features are parsed only when the mirror pulls
+    them. Anything but the
     usual shape (an error envelope, a missing `features`, NaN in the body) is parsed
     whole by the stdlib and judged exactly as before.
     """
     try:
+        # A GeoJSON map nests about 8 deep; anything near the stdlib's recursion limit
+        # goes to it and fails the scope there, as a whole parse always did.
+        if document.depth() > MAX_DEPTH:
+            return _whole_map_answer(document.load(), path)
         ids = document.values("result.ids")
         head, features = document.scalars(_HEAD, until="result.state.features")
     except NonStandardJson:
@@ -388,8 +394,12 @@ class _RecordStream:
         self.unidentified = False
         """Some feature had no usable (class, id): the answer cannot prove absences."""
         self.done = False
+        self._started = False
 
     def __iter__(self) -> Iterator[Record]:
+        if self._started:  # a second pass would read nothing and then "prove" absences
+            raise RuntimeError("a record stream can be read only once")
+        self._started = True
         try:
             for feature in self._features:
                 try:

@@ -155,6 +155,18 @@ class JobCursor:
             return None
 
 
+def _gone_jobs(job_ids: list[str]) -> Snapshot:
+    """Every job gone this pass, in one snapshot: cascades of the complete job list,
+    weighed together against the source's whole mirror as maps gone from a CalTopo
+    account are. One at a time, each would be judged against what the others left,
+    and losing 3 of 4 jobs (a key that lost access) would pass the guard."""
+    return Snapshot(
+        scope="jobs",
+        listings=tuple(Listing(frozenset({j}), frozenset(), cascade=True) for j in job_ids),
+        drop_cursors=frozenset(f"job:{j}" for j in job_ids),
+    )
+
+
 class KatapultSource:
     """Reads the job list, then each job in scope with bounded concurrency."""
 
@@ -197,12 +209,14 @@ class KatapultSource:
         )
         jobs = sorted(wanted & set(listed))
 
+        gone: list[str] = []
+
         async def fetch(work: tuple[str, bool]) -> Snapshot | None:
             job_id, present = work
             cursor = None if full else JobCursor.load(cursors.get(f"job:{job_id}"))
             if present:
                 return await self._job(job_id, listed[job_id], cursor)
-            return await self._missing(job_id, cursor)
+            return await self._missing(job_id, cursor, gone)
 
         work = [(j, True) for j in jobs] + [(j, False) for j in missing]
         async for item in fan_out(
@@ -212,6 +226,8 @@ class KatapultSource:
             concurrency=self.settings.concurrency,
         ):
             yield item
+        if gone:
+            yield _gone_jobs(sorted(gone))
 
     # ---- planning --------------------------------------------------------------------
 
@@ -276,8 +292,13 @@ class KatapultSource:
             listings=(Listing(frozenset({job_id}), keys),),
         )
 
-    async def _missing(self, job_id: str, cursor: JobCursor | None) -> Snapshot | None:
-        """A mirrored job the complete list no longer shows: ask what became of it."""
+    async def _missing(
+        self, job_id: str, cursor: JobCursor | None, gone: list[str]
+    ) -> Snapshot | None:
+        """A mirrored job the complete list no longer shows: ask what became of it.
+
+        A job that is gone is added to `gone`, for the pass's one `_gone_jobs` snapshot.
+        """
         if cursor is not None and cursor.archived and not self._due(cursor):
             return None
         scope = f"job:{job_id}"
@@ -285,13 +306,8 @@ class KatapultSource:
             status = await self._data(f"/jobs/{quote(job_id)}/status")
         except NotFoundError:
             log.info("katapult.job_gone", source=self.name, job=job_id)
-            # A cascade of the complete job list, as a map gone from a CalTopo account:
-            # the guard weighs it against the source's whole mirror, not the job itself.
-            return Snapshot(
-                scope=scope,
-                listings=(Listing(frozenset({job_id}), frozenset(), cascade=True),),
-                drop_cursors=frozenset({scope}),
-            )
+            gone.append(job_id)
+            return None
         if status.get("status") == "archived" and not self.settings.include_archived:
             job = await self._data(f"/jobs/{quote(job_id)}", {"paths": JOB_PATHS})
             job["status"] = "archived"

@@ -131,3 +131,19 @@ def test_streamed_map_answers_equal_the_whole_parse(name: str) -> None:
     streamed = outcome(lambda: _map_answer(doc(body), "/map"))
     whole = outcome(lambda: _whole_map_answer(json.loads(body), "/map"))
     assert streamed == whole
+
+
+def test_depth_is_measured_in_one_linear_pass() -> None:
+    assert doc('{"a": [1, {"b": []}], "c": {}}').depth() == 4
+    assert doc("[" * 200_000 + "]" * 200_000).depth() == 200_000  # 400 KB: ijson's
+    # prefix-tracking readers took 6 GB for a quarter of this depth
+
+
+def test_an_absurdly_deep_map_answer_fails_like_the_whole_parse_did() -> None:
+    deep = "[" * 50_000 + "]" * 50_000
+    body = (
+        '{"status": "ok", "timestamp": 7, "result": {"timestamp": 7, "state": '
+        f'{{"features": [{{"id": "a", "properties": {{"class": "Marker", "x": {deep}}}}}]}}}}}}'
+    )
+    with pytest.raises(ProtocolError, match="not JSON"):
+        _map_answer(doc(body), "/map")

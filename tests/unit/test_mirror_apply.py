@@ -460,3 +460,45 @@ async def test_guard_weighs_only_rows_live_before_the_snapshot(db: Database) -> 
     assert (result.held.would_delete, result.held.live) == (9, 10)
     assert result.inserted == 0  # rolled back with the rest
     assert {r["external_id"] for r in await mirror_rows(db)} == {f"old{i}" for i in range(10)}
+
+
+async def test_an_object_too_deep_to_encode_is_skipped_alone(db: Database) -> None:
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    with capture_logs() as logs:
+        result = await Mirror(db).apply(
+            SRC, Snapshot("s", [marker("deep", nested=deep), marker("fine")], cursor="1")
+        )
+    assert (result.inserted, result.skipped) == (1, 1)
+    assert [r["external_id"] for r in await mirror_rows(db)] == ["fine"]
+    [skipped] = [e for e in logs if e["event"] == "record.skipped"]
+    assert skipped["id"] == "deep" and "recursion" in skipped["reason"]
+
+
+async def test_a_key_repeated_in_a_later_chunk_is_folded_into_one_write(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As within one chunk: one version and one change row per key and snapshot, counted
+    once, whichever chunk a repeat lands in (issue 6 review)."""
+    monkeypatch.setattr(apply_module, "_CHUNK", 2)
+    mirror = Mirror(db)
+    await mirror.apply(SRC, Snapshot("s", [marker("same"), marker("edited", title="v1")]))
+    before = len(await change_log(db))
+
+    records = [
+        marker("new", title="first"),
+        marker("same"),
+        marker("edited", title="v1"),  # unchanged here ...
+        marker("new", title="second"),  # ... a new key repeated in the next chunk
+        marker("edited", title="v2"),  # ... and changed by its repeat
+        marker("same"),
+    ]
+    result = await mirror.apply(SRC, Snapshot("s", iter(records)))
+
+    rows = by_id(await mirror_rows(db))
+    assert (rows["new"]["name"], rows["new"]["version"]) == ("second", 1)
+    assert (rows["edited"]["name"], rows["edited"]["version"]) == ("v2", 2)
+    assert rows["same"]["version"] == 1
+    assert [op for _, op, _ in (await change_log(db))[before:]] == ["insert", "update"]
+    assert (result.inserted, result.updated, result.unchanged) == (1, 1, 1)
