@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from itertools import accumulate, repeat
 from operator import itemgetter
 from tempfile import SpooledTemporaryFile
@@ -73,8 +74,11 @@ class JsonDocument:
         Checked before any prefix-tracking read: ijson keeps the path of every open
         container, so a 50,000-deep 100 KB body took 6 GB to read (issue 6 review).
         """
-        events = map(itemgetter(0), self._events(ijson.basic_parse))
-        return max(accumulate(map(_NESTING.get, events, repeat(0))), default=0)
+        self._file.seek(0)
+        # C iterators end to end: a Python frame per event cost more than the parse.
+        events = map(itemgetter(0), ijson.basic_parse(self._file, buf_size=_READ_SIZE))
+        with self._errors():
+            return max(accumulate(map(_NESTING.get, events, repeat(0))), default=0)
 
     def values(self, prefix: str) -> list[Any]:
         """Every value at `prefix` (ijson notation: `result.ids`), reading the whole body
@@ -114,8 +118,14 @@ class JsonDocument:
 
     def _events(self, parser: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
         self._file.seek(0)
-        try:
+        with self._errors():
             yield from parser(self._file, *args, buf_size=_READ_SIZE, **kwargs)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """ijson's errors as syncd's: ProtocolError, or NonStandardJson for the stdlib."""
+        try:
+            yield
         except ijson.IncompleteJSONError as err:
             if _non_standard(str(err)):
                 raise NonStandardJson(f"{self.url}: {_first_line(err)}", url=self.url) from None
