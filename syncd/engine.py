@@ -183,8 +183,7 @@ class Engine:
                         log.info("sync.stopping", reason="shutdown")
                         break
                     if isinstance(item, ScopeFailed):
-                        outcome.failed_scopes.append(item.scope)
-                        log.warning("scope.failed", scope=item.scope, error=_describe(item.error))
+                        _scope_failed(outcome, item.scope, item.error)
                         continue
                     try:
                         result = await _uncancellable(
@@ -195,8 +194,7 @@ class Engine:
                     except SourceError as err:
                         # A streamed answer that broke while being applied: rolled back
                         # whole, so the scope failed like any fetch (rule 6).
-                        outcome.failed_scopes.append(item.scope)
-                        log.warning("scope.failed", scope=item.scope, error=err.message)
+                        _scope_failed(outcome, item.scope, err)
                         continue
                     if result.held is not None:
                         outcome.held += result.held.would_delete
@@ -316,6 +314,11 @@ async def _uncancellable(apply: Coroutine[Any, Any, ApplyResult]) -> ApplyResult
     except asyncio.CancelledError:
         await asyncio.gather(task, return_exceptions=True)
         raise
+
+
+def _scope_failed(outcome: RunOutcome, scope: str, error: Exception) -> None:
+    outcome.failed_scopes.append(scope)
+    log.warning("scope.failed", scope=scope, error=_describe(error))
 
 
 def _describe(error: Exception) -> str:

@@ -167,6 +167,7 @@ class HttpClient:
             self.ratelimit_waits += 1
         self.requests += 1
         faults.on_request()  # a test hook; inert unless armed
+        document: JsonDocument | None = None
         try:
             async with self._session.request(
                 method,
@@ -202,7 +203,7 @@ class HttpClient:
             ) from None
         self.statuses[status] += 1
         self.server_date = _http_date(headers.get("Date"))
-        if stream and 200 <= status < 300:
+        if document is not None:
             self.limiter.observe(status, headers, None)
             return document
         payload = _decode(body)

@@ -189,19 +189,17 @@ async def _write_records(
     they carried.
 
     A key repeated within the chunk folds into one write; one repeated in a later chunk
-    is merged with what this transaction already wrote (same final content).
+    folds into the write the earlier chunk made (same content, version, change row).
     """
     records = _by_key(chunk)
     for key in [k for k in records if not _storable(k)]:
         del records[key]
-        result.skipped += 1
-        log.warning(
-            "record.skipped",
-            source=source,
-            scope=scope,
-            kind=key[1],
-            id=key[2],
-            reason="its identity has a NUL character, which SQL text cannot hold",
+        _skip(
+            result,
+            source,
+            scope,
+            key,
+            "its identity has a NUL character, which SQL text cannot hold",
         )
     stored = await _load_stored(conn, source, records.keys())
     # A key an earlier chunk already reached is folded into that write, as a key
@@ -223,15 +221,7 @@ async def _write_records(
         try:
             content = _fold(base, chain)
         except (ValueError, RecursionError) as err:  # NaN; nesting too deep to encode
-            result.skipped += 1
-            log.warning(
-                "record.skipped",
-                source=source,
-                scope=scope,
-                kind=key[1],
-                id=key[2],
-                reason=str(err),
-            )
+            _skip(result, source, scope, key, str(err))
             continue
         if row is not None and row.id in repeats:
             written = row.id > seen.known or row.id in seen.written
@@ -261,8 +251,9 @@ async def _write_records(
         await conn.execute(insert(features), inserts)
         await conn.execute(_insert_changes(source, floor, now))
         result.inserted += len(inserts)
+    if updates or rewrites:
+        await conn.execute(_UPDATE_CONTENT, updates + rewrites)
     if updates:
-        await conn.execute(_UPDATE_CONTENT, updates)
         await conn.execute(
             insert(changes),
             [
@@ -275,8 +266,11 @@ async def _write_records(
         seen.restored.update(restores)
         result.restored += len(restores)
         result.updated += len(updates) - len(restores)
-    if rewrites:
-        await conn.execute(_UPDATE_CONTENT, rewrites)
+
+
+def _skip(result: ApplyResult, source: str, scope: str, key: Key, reason: str) -> None:
+    result.skipped += 1
+    log.warning("record.skipped", source=source, scope=scope, kind=key[1], id=key[2], reason=reason)
 
 
 @dataclass

@@ -336,9 +336,8 @@ def _map_answer(document: JsonDocument, path: str) -> _MapAnswer:
 
     A first pass (in C) proves the body is JSON and not absurdly deep before anything
     is used, a second reads `ids`; the features are parsed only when the mirror pulls
-    them. Anything but the
-    usual shape (an error envelope, a missing `features`, NaN in the body) is parsed
-    whole by the stdlib and judged exactly as before.
+    them. Anything but the usual shape (an error envelope, a missing `features`, NaN
+    in the body) is parsed whole by the stdlib and judged exactly as before.
     """
     try:
         # A GeoJSON map nests about 8 deep; anything near the stdlib's recursion limit
